@@ -1,0 +1,1 @@
+"""The chained CNI plugin (``istio-cni``) and its node installer (``install-cni``)."""

@@ -1,0 +1,141 @@
+"""Value types for planned rules: a Rule, the rules of one IP family, and the whole Ruleset.
+
+The planner produces these; the renderer and the appliers consume them without deciding anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
+
+# Every chain this tool may create, in every table. Cleanup removes exactly these
+# (plus the jumps into them from built-in chains), so it is one list for both.
+ISTIO_CHAINS = (
+    "ISTIO_INBOUND",
+    "ISTIO_REDIRECT",
+    "ISTIO_IN_REDIRECT",
+    "ISTIO_OUTPUT",
+    "ISTIO_OUTPUT_DNS",
+    "ISTIO_DIVERT",
+    "ISTIO_TPROXY",
+    "ISTIO_DROP",
+)
+
+
+class Family(enum.Enum):
+    """An IP family, with the few facts that differ between IPv4 and IPv6 rules."""
+
+    V4 = 4
+    V6 = 6
+
+    @property
+    def restore_command(self) -> str:
+        return "iptables-restore" if self is Family.V4 else "ip6tables-restore"
+
+    @property
+    def save_command(self) -> str:
+        return "iptables-save" if self is Family.V4 else "ip6tables-save"
+
+    @property
+    def iptables_command(self) -> str:
+        return "iptables" if self is Family.V4 else "ip6tables"
+
+    @property
+    def host_prefixlen(self) -> int:
+        return 32 if self is Family.V4 else 128
+
+    @property
+    def inbound_passthrough_source(self) -> str:
+        """Source address Envoy's inbound passthrough cluster binds to."""
+        return "127.0.0.6/32" if self is Family.V4 else "::6/128"
+
+    @property
+    def loopback(self) -> str:
+        return "127.0.0.1/32" if self is Family.V4 else "::1/128"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One iptables rule: where it goes, what it matches, and its target.
+
+    ``position`` is ``None`` for an append (``-A``) and a 1-based index for an insert (``-I``).
+    """
+
+    table: str
+    chain: str
+    matches: tuple[str, ...]
+    target: str
+    target_args: tuple[str, ...] = ()
+    position: int | None = None
+
+    @property
+    def spec(self) -> tuple[str, ...]:
+        """The rule's arguments after the chain name: matches, ``-j TARGET`` and target options."""
+        return (*self.matches, "-j", self.target, *self.target_args)
+
+    def restore_line(self) -> str:
+        """The rule as a line of an iptables-restore document."""
+        head = ("-A", self.chain) if self.position is None else ("-I", self.chain, str(self.position))
+        return " ".join((*head, *self.spec))
+
+    def delete_argv(self) -> list[str]:
+        """Arguments for ``iptables`` that delete this rule by its specification."""
+        return ["-t", self.table, "-D", self.chain, *self.spec]
+
+    @property
+    def jumps_to_chain(self) -> bool:
+        return self.target.startswith("ISTIO_")
+
+
+@dataclass(frozen=True)
+class PolicyRoute:
+    """TPROXY policy routing: ``ip rule fwmark MARK lookup TABLE`` plus a local default route on lo."""
+
+    family: Family
+    mark: int
+    table: int
+
+
+@dataclass(frozen=True)
+class FamilyRules:
+    """All rules of one IP family, in the order they must be applied."""
+
+    family: Family
+    rules: tuple[Rule, ...]
+
+    def tables(self) -> list[str]:
+        """Tables that hold rules, in the order iptables-restore documents list them."""
+        return sorted({r.table for r in self.rules})
+
+    def rules_of(self, table: str) -> list[Rule]:
+        return [r for r in self.rules if r.table == table]
+
+    def new_chains(self, table: str) -> list[str]:
+        """Non-built-in chains to create in ``table``: those holding rules, then those only jumped to."""
+        seen: dict[str, None] = {}
+        rules = self.rules_of(table)
+        for r in rules:
+            if r.chain not in BUILTIN_CHAINS:
+                seen.setdefault(r.chain, None)
+        for r in rules:
+            if r.jumps_to_chain:
+                seen.setdefault(r.target, None)
+        return list(seen)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """What the planner decided: the rules per family and the routing TPROXY needs."""
+
+    v4: FamilyRules
+    v6: FamilyRules | None = None
+    routes: tuple[PolicyRoute, ...] = ()
+    # Addresses to add on lo (``::6/128`` when IPv6 is enabled, as Istio does).
+    loopback_addresses: tuple[ipaddress.IPv6Interface | ipaddress.IPv4Interface, ...] = field(default=())
+
+    @property
+    def families(self) -> list[FamilyRules]:
+        return [self.v4] if self.v6 is None else [self.v4, self.v6]
