@@ -215,7 +215,9 @@ class _FamilyPlan:
         if capture_all or servers:
             self.b.append(NAT, OUTPUT, "-j", OUTPUT_DNS)
         if capture_all:
-            self.b.append(NAT, OUTPUT_DNS, "-p", "tcp", "--dport", "53", "-j", "REDIRECT", "--to-ports", DNS_PROXY_PORT)
+            self.b.append(
+                NAT, OUTPUT_DNS, "-p", "tcp", "--dport", "53", "-j", "REDIRECT", "--to-ports", DNS_PROXY_PORT
+            )
         else:
             for s in servers:
                 self.b.append(
@@ -223,7 +225,9 @@ class _FamilyPlan:
                     "-j", "REDIRECT", "--to-ports", DNS_PROXY_PORT,
                 )  # fmt: skip
         if capture_all:
-            self.b.append(NAT, OUTPUT_DNS, "-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-port", DNS_PROXY_PORT)
+            self.b.append(
+                NAT, OUTPUT_DNS, "-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-port", DNS_PROXY_PORT
+            )
         else:
             for s in servers:
                 self.b.append(
@@ -238,7 +242,10 @@ class _FamilyPlan:
             ("--gid-owner", g) for g in self.cfg.proxy_gids
         ]
         for flag, owner in owners:
-            self.b.append(RAW, OUTPUT_DNS, "-p", "udp", "--dport", "53", "-m", "owner", flag, owner, "-j", "CT", "--zone", "1")
+            self.b.append(
+                RAW, OUTPUT_DNS, "-p", "udp", "--dport", "53", "-m", "owner", flag, owner,
+                "-j", "CT", "--zone", "1",
+            )  # fmt: skip
             self.b.append(
                 RAW, OUTPUT_DNS, "-p", "udp", "--sport", DNS_PROXY_PORT, "-m", "owner", flag, owner,
                 "-j", "CT", "--zone", "2",
@@ -271,7 +278,9 @@ class _FamilyPlan:
         c = self.cfg
         mark = str(c.tproxy_mark)
         # Save the mark Envoy's original_src listener filter sets as the connection mark.
-        self.b.append(MANGLE, "PREROUTING", "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark")
+        self.b.append(
+            MANGLE, "PREROUTING", "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark"
+        )
         # Envoy -> app packets are already marked; do not mark them again.
         self.b.append(MANGLE, "OUTPUT", "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN")
         owners = [("--uid-owner", u) for u in c.proxy_uids] + [("--gid-owner", g) for g in c.proxy_gids]
@@ -282,12 +291,39 @@ class _FamilyPlan:
                 "-m", "owner", flag, owner, "-j", "MARK", "--set-mark", OUTBOUND_MARK,
             )  # fmt: skip
         # Replies from the workload follow the policy route set up for TPROXY.
-        self.b.append(MANGLE, "OUTPUT", "-p", "tcp", "-m", "connmark", "--mark", mark, "-j", "CONNMARK", "--restore-mark")
+        self.b.append(
+            MANGLE,
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "connmark",
+            "--mark",
+            mark,
+            "-j",
+            "CONNMARK",
+            "--restore-mark",
+        )
         self.b.insert(MANGLE, INBOUND, 1, "-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN")
         # Envoy/agent -> app via the passthrough source address is not captured again.
         self.b.insert(MANGLE, INBOUND, 2, "-p", "tcp", "-s", self.passthrough, "-i", "lo", "-j", "RETURN")
         # app -> app by pod IP is not captured.
-        self.b.insert(MANGLE, INBOUND, 3, "-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", OUTBOUND_MARK, "-j", "RETURN")
+        self.b.insert(
+            MANGLE,
+            INBOUND,
+            3,
+            "-p",
+            "tcp",
+            "-i",
+            "lo",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            OUTBOUND_MARK,
+            "-j",
+            "RETURN",
+        )
 
 
 def plan(config: Config) -> Ruleset:

@@ -1,0 +1,60 @@
+"""Istio's own capture test cases (from ../shared/conformance): the kernel must hold the same rules
+after loading our dry-run output as after loading Istio's expected documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFORMANCE = ROOT.parent / "shared" / "conformance"
+CASES = json.loads((CONFORMANCE / "capture_cases.json").read_text()) if CONFORMANCE.is_dir() else []
+
+pytestmark = pytest.mark.skipif(not CASES, reason="../shared/conformance is not present")
+
+# Istio's owner-group cases name groups that a plain Debian machine does not have.
+EXTRA_GROUPS = ["--extra-group", "java:30001", "--extra-group", "ftp:30002"]
+
+
+def dry_run(case: dict) -> subprocess.CompletedProcess[str]:
+    servers = [*case["dns_servers_v4"], *case["dns_servers_v6"]]
+    argv = [
+        str(ROOT / ".venv" / "bin" / "istio-iptables"),
+        *case["args"],
+        "--enable-ipv6" if case["ipv6"] else "--no-enable-ipv6",
+        f"--dns-servers={','.join(servers)}",
+    ]
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **case["env"]}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_capture_case(case: dict, tmp_path: Path) -> None:
+    p = dry_run(case)
+    assert p.returncode == 0, p.stderr
+    actual = tmp_path / "actual.rules"
+    actual.write_text(p.stdout)
+    expected = [str(CONFORMANCE / case["expected"]["v4"])]
+    if "v6" in case["expected"]:
+        expected.append(str(CONFORMANCE / case["expected"]["v6"]))
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(CONFORMANCE / "compare.py"),
+            *expected,
+            "--actual-file",
+            str(actual),
+            *EXTRA_GROUPS,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert r.stdout.startswith("MATCH")
