@@ -1,0 +1,104 @@
+"""Shared fixtures and the policy for tests that need the kernel: tests marked ``kernel`` or
+``podman`` are skipped with the reason where this machine cannot create a network namespace,
+and fail instead when CI is set (CI runs as root, so there they must run)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from nsutil import NetNS, ci_enabled, create_netns, delete_netns, netns_unavailable_reason
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass
+else:
+    # Property tests here exec iptables and enter namespaces: a per-example deadline would be a
+    # timing assertion. Built on the profile Hypothesis already chose (its "ci" profile under CI).
+    settings.register_profile("mesh", settings(deadline=None, suppress_health_check=[HealthCheck.too_slow]))
+    settings.load_profile("mesh")
+
+_NEEDS_NETNS = ("kernel", "podman")
+_unavailable: dict[str, str | None] = {}
+
+
+def _reason(marker: str) -> str | None:
+    """Why tests with this marker cannot run here (None when they can); probed once per session."""
+    if marker not in _unavailable:
+        if "netns" not in _unavailable:
+            _unavailable["netns"] = netns_unavailable_reason()
+        reason = _unavailable["netns"]
+        if reason is None and marker == "podman" and shutil.which("podman") is None:
+            reason = "podman is not installed (run scripts/setup)"
+        _unavailable[marker] = reason
+    return _unavailable[marker]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    reason = _reason("kernel")
+    state = "available" if reason is None else f"unavailable ({reason})"
+    return f"network namespaces: {state}; CI: {ci_enabled()}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that asks for a namespace needs the kernel, marked or not.
+    for item in items:
+        if "netns" in getattr(item, "fixturenames", ()) and item.get_closest_marker("kernel") is None:
+            item.add_marker(pytest.mark.kernel)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in _NEEDS_NETNS:
+        if item.get_closest_marker(marker) is None:
+            continue
+        reason = _reason(marker)
+        if reason is None:
+            continue
+        if ci_enabled():
+            pytest.fail(f"{marker} test cannot run in CI: {reason}", pytrace=False)
+        pytest.skip(f"{marker} test: {reason}")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path | None:
+    """The shared material (conformance cases, notes) beside the repository, or None when absent."""
+    path = REPO_ROOT.parent / "shared"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Path:
+    """The directory of the installed console scripts (istio-iptables, istio-cni, ...)."""
+    path = REPO_ROOT / ".venv" / "bin"
+    return path if path.is_dir() else Path(sys.executable).parent
+
+
+@pytest.fixture
+def netns() -> Iterator[Callable[..., NetNS]]:
+    """Factory: ``netns()`` or ``netns("pod")`` creates a uniquely named namespace with lo up and
+    returns a NetNS (``.name``, ``.path``, ``.run(argv)``, ``.popen(argv)``). All of them are
+    deleted at teardown, also when the test fails, with any process still running inside."""
+    created: list[NetNS] = []
+
+    def make(hint: str = "") -> NetNS:
+        ns = create_netns(hint)
+        created.append(ns)
+        return ns
+
+    try:
+        yield make
+    finally:
+        for ns in reversed(created):
+            delete_netns(ns)
