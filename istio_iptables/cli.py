@@ -1,0 +1,331 @@
+"""The ``istio-iptables`` and ``istio-clean-iptables`` commands.
+
+Arguments are read the way Istio's Go flag parser (pflag) reads them: ``--flag value``,
+``--flag=value``, ``-p 15001``, ``-p15001``, ``-p=15001``, and booleans as ``--flag`` or
+``--flag=true|false`` (``-n=false``). Bad input exits 1 with one line on stderr, as Istio does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+
+from .config import ApplyOptions, Config, ConfigError
+from .environment import DetectionError, Machine
+from .options import BY_KEY, BY_SHORT, ENV_ONLY, FLAGS, Kind, LogSettings, OptionDef, load, log_settings
+
+PROG_IPTABLES = "istio-iptables"
+PROG_CLEAN = "istio-clean-iptables"
+
+_log = logging.getLogger("istio_iptables")
+_NEGATIONS = {o.negation: o for o in FLAGS if o.negation}
+
+
+def normalize_argv(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Rewrite pflag-style arguments as ``--name=value`` (``--help`` kept) and return them with
+    the positional arguments. Raises click.UsageError for an unknown flag or a missing value."""
+    out: list[str] = []
+    positional: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            positional.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            if name == "help":
+                out.append("--help")
+                continue
+            if name in _NEGATIONS:
+                if eq:
+                    raise click.UsageError(f"flag --{name} does not take a value")
+                out.append(f"--{_NEGATIONS[name].name}=false")
+                continue
+            opt = BY_KEY.get(name)
+            if opt is None or opt.name is None:
+                raise click.UsageError(f"unknown flag: --{name}")
+            if not eq and opt.kind is not Kind.BOOL:
+                if i >= len(args):
+                    raise click.UsageError(f"flag needs an argument: --{name}")
+                value, i = args[i], i + 1
+            out.append(f"--{name}={value if eq or opt.kind is not Kind.BOOL else 'true'}")
+        elif arg.startswith("-") and arg != "-":
+            i = _shorthands(arg, args, i, out)
+        else:
+            positional.append(arg)
+    return out, positional
+
+
+def _shorthands(arg: str, args: Sequence[str], i: int, out: list[str]) -> int:
+    """One ``-abc`` cluster: booleans take no value (or ``=value``); a value flag takes the rest
+    of the cluster (``-p15001``, ``-p=15001``) or the next argument."""
+    j = 1
+    while j < len(arg):
+        ch = arg[j]
+        if ch == "h":
+            out.append("--help")
+            j += 1
+            continue
+        opt = BY_SHORT.get(ch)
+        if opt is None:
+            raise click.UsageError(f"unknown shorthand flag: {ch!r} in {arg}")
+        rest = arg[j + 1 :]
+        if opt.kind is Kind.BOOL:
+            if rest.startswith("="):
+                out.append(f"--{opt.name}={rest[1:]}")
+                return i
+            out.append(f"--{opt.name}=true")
+            j += 1
+            continue
+        if rest:
+            value = rest[1:] if rest.startswith("=") else rest
+        elif i < len(args):
+            value, i = args[i], i + 1
+        else:
+            raise click.UsageError(f"flag needs an argument: {ch!r} in {arg}")
+        out.append(f"--{opt.name}={value}")
+        return i
+    return i
+
+
+class _Option(click.Option):
+    """A click option for one OptionDef; every value reaches it as text (see normalize_argv)."""
+
+    def __init__(self, odef: OptionDef) -> None:
+        assert odef.name is not None
+        decls = [f"--{odef.name}", odef.name.replace("-", "_")]
+        if odef.short:
+            decls.insert(0, f"-{odef.short}")
+        super().__init__(decls, type=str, default=None, metavar=odef.kind.metavar)
+        self.odef = odef
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str]:
+        o = self.odef
+        names = ", ".join(([f"-{o.short}"] if o.short else []) + [f"--{o.name}"])
+        if o.kind is Kind.BOOL:
+            names += "[=true|false]"
+            if o.negation:
+                names += f" / --{o.negation}"
+        else:
+            names += f" {o.kind.metavar}"
+        extra = [f"default: {o.shown_default}"]
+        if o.env:
+            extra.insert(0, "env: " + ", ".join(o.env))
+        text = f"{o.help} [{'; '.join(extra)}]"
+        if o.apply_only:
+            text += " [acts only when rules are applied]"
+        return names, text
+
+
+class _PflagCommand(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        normalized, positional = normalize_argv(args)
+        ctx.meta["positional"] = positional
+        return super().parse_args(ctx, normalized)
+
+
+def _epilog() -> str:
+    lines = ["\b", "Settings read only from the environment:"]
+    for o in ENV_ONLY:
+        lines.append(f"  {o.env[0]} (default: {o.shown_default}): {o.help}")
+    lines += [
+        "",
+        "\b",
+        "Options marked [acts only when rules are applied] change nothing in a --dry-run.",
+        "Command-line values win over environment variables.",
+    ]
+    return "\n".join(lines)
+
+
+def _command(prog: str, summary: str) -> click.Command:
+    return _PflagCommand(
+        name=prog,
+        params=[_Option(o) for o in FLAGS],
+        callback=lambda **kwargs: kwargs,
+        help=summary,
+        epilog=_epilog(),
+        context_settings={"help_option_names": ["--help"], "max_content_width": 110},
+        add_help_option=True,
+    )
+
+
+_SUMMARIES = {
+    PROG_IPTABLES: "Set up the iptables rules that send a pod's traffic through its sidecar proxy.",
+    PROG_CLEAN: "Remove the iptables rules and chains istio-iptables set up.",
+}
+
+
+class _Formatter(logging.Formatter):
+    """Istio's log line: ``<RFC3339 time>\\t<level>\\t<message>`` (or one JSON object per line)."""
+
+    _LEVELS = {"WARNING": "warn", "CRITICAL": "fatal"}
+
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        when = ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        level = self._LEVELS.get(record.levelname, record.levelname.lower())
+        msg = record.getMessage()
+        if self.as_json:
+            return json.dumps({"level": level, "time": when, "msg": msg})
+        return f"{when}\t{level}\t{msg}"
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(settings: LogSettings) -> None:
+    for h in list(_log.handlers):
+        if isinstance(h, _StderrHandler):
+            _log.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter(settings.json))
+    _log.addHandler(handler)
+    _log.setLevel(settings.level)
+    _log.propagate = False
+
+
+def _error(message: str) -> None:
+    sys.stderr.write("Error: " + " ".join(str(message).split()) + "\n")
+
+
+def _describe(cfg: Config, opts: ApplyOptions) -> str:
+    owners = cfg.owner_groups
+    inbound = cfg.inbound_ports
+    return " ".join(
+        [
+            f"PROXY_PORT={cfg.proxy_port}",
+            f"PROXY_INBOUND_CAPTURE_PORT={cfg.inbound_capture_port}",
+            f"PROXY_TUNNEL_PORT={cfg.inbound_tunnel_port}",
+            f"PROXY_UID={','.join(cfg.proxy_uids)}",
+            f"PROXY_GID={','.join(cfg.proxy_gids)}",
+            f"INBOUND_INTERCEPTION_MODE={cfg.interception_mode.value}",
+            f"INBOUND_PORTS_INCLUDE={'*' if inbound.wildcard else ','.join(map(str, inbound.ports))}",
+            f"OUTBOUND_OWNER_GROUPS={'*' if owners.except_ else ','.join(owners.values)}",
+            f"ENABLE_INBOUND_IPV6={str(cfg.enable_ipv6).lower()}",
+            f"DNS_CAPTURE={str(cfg.redirect_dns).lower()}",
+            f"DNS_SERVERS={','.join(map(str, (*cfg.dns_servers_v4, *cfg.dns_servers_v6)))}",
+            f"DRY_RUN={str(opts.dry_run).lower()}",
+            f"NETWORK_NAMESPACE={opts.network_namespace or ''}",
+        ]
+    )
+
+
+def parse(
+    prog: str,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    machine: Machine | None = None,
+) -> tuple[Config, ApplyOptions] | int:
+    """Parse the command line and environment: the configuration, or an exit status (0 after
+    --help, 1 after printing the one-line error)."""
+    env = os.environ if env is None else env
+    cmd = _command(prog, _SUMMARIES.get(prog, ""))
+    try:
+        with cmd.make_context(prog, list(argv)) as ctx:
+            kwargs: dict[str, Any] = cmd.invoke(ctx)
+            positional: list[str] = ctx.meta.get("positional", [])
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        _error(e.format_message())
+        return 1
+    values = {o.name: kwargs[o.name.replace("-", "_")] for o in FLAGS if o.name is not None}
+    values = {k: v for k, v in values.items() if v is not None}
+    try:
+        _configure_logging(log_settings(values, env))
+        cfg, opts = load(values, env, machine)
+    except (ConfigError, DetectionError) as e:
+        _error(str(e))
+        return 1
+    for arg in positional:
+        # Istio's command ignores positional arguments (so "--dry-run false" means --dry-run).
+        _log.warning("ignoring positional argument %r", arg)
+    _log.info("Istio iptables variables: %s", _describe(cfg, opts))
+    return cfg, opts
+
+
+def run(
+    prog: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    machine: Machine | None = None,
+) -> int:
+    """One invocation of ``prog``; returns the exit status."""
+    parsed = parse(prog, argv, env, machine)
+    if isinstance(parsed, int):
+        return parsed
+    cfg, opts = parsed
+    if prog == PROG_CLEAN:
+        return _clean(cfg, opts)
+    return _iptables(cfg, opts)
+
+
+def _iptables(cfg: Config, opts: ApplyOptions) -> int:
+    from .planner import plan
+
+    ruleset = plan(cfg)
+    if opts.dry_run and opts.cleanup_only:
+        _log.info("dry-run with --cleanup-only: nothing to print, nothing removed")
+        return 0
+    if opts.dry_run:
+        from .render import render_dry_run
+
+        _log.info("running in dry-run mode, no rule changes will be made")
+        sys.stdout.write(render_dry_run(ruleset))
+        sys.stdout.flush()
+        return 0
+    from .apply import ApplyError, apply
+
+    try:
+        apply(ruleset, opts)
+    except ApplyError as e:
+        _error(str(e))
+        return int(getattr(e, "exit_code", 1))
+    return 0
+
+
+def _clean(cfg: Config, opts: ApplyOptions) -> int:
+    if opts.dry_run:
+        _log.info("running in dry-run mode, no rules removed")
+        return 0
+    from .apply import ApplyError, cleanup
+    from .planner import plan
+
+    try:
+        # The planned rules let cleanup also find our rules in built-in chains and our routes.
+        cleanup(opts, enable_ipv6=cfg.enable_ipv6, ruleset=plan(cfg))
+    except ApplyError as e:
+        _error(str(e))
+        return int(getattr(e, "exit_code", 1))
+    return 0
+
+
+def iptables_main() -> None:
+    """Console script ``istio-iptables``."""
+    sys.exit(run(PROG_IPTABLES, sys.argv[1:]))
+
+
+def clean_main() -> None:
+    """Console script ``istio-clean-iptables`` (same options as istio-iptables)."""
+    sys.exit(run(PROG_CLEAN, sys.argv[1:]))

@@ -1,0 +1,405 @@
+"""Typed, validated configuration for the planner (Config) and for applying rules (ApplyOptions).
+
+Everything is parsed and validated once, here; errors name the option or variable and the value.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ConfigError(ValueError):
+    """Bad input: ``source`` is the option or environment variable (or annotation) that carried it."""
+
+    def __init__(self, source: str, value: str, reason: str) -> None:
+        super().__init__(f"invalid value {value!r} for {source}: {reason}")
+        self.source = source
+        self.value = value
+        self.reason = reason
+
+
+class InterceptionMode(enum.Enum):
+    REDIRECT = "REDIRECT"
+    TPROXY = "TPROXY"
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """A port list that may also be the wildcard ``*`` (inbound ports to capture)."""
+
+    wildcard: bool = False
+    ports: tuple[int, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.wildcard and not self.ports
+
+
+@dataclass(frozen=True)
+class CidrSpec:
+    """A CIDR list that may also be the wildcard ``*`` (outbound ranges to capture)."""
+
+    wildcard: bool = False
+    cidrs: tuple[IPNetwork, ...] = ()
+
+    def of_version(self, version: int) -> tuple[IPNetwork, ...]:
+        return tuple(c for c in self.cidrs if c.version == version)
+
+    @property
+    def has_loopback(self) -> bool:
+        return any(c.network_address.is_loopback for c in self.cidrs)
+
+
+@dataclass(frozen=True)
+class OwnerGroups:
+    """Which groups' outbound traffic is captured: all (``*``), only ``values``, or all but ``values``."""
+
+    except_: bool = True
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the planner needs. Defaults are Istio's."""
+
+    proxy_port: int = 15001
+    inbound_capture_port: int = 15006
+    inbound_tunnel_port: int = 15008
+    proxy_uids: tuple[str, ...] = ("1337",)
+    proxy_gids: tuple[str, ...] = ("1337",)
+    interception_mode: InterceptionMode = InterceptionMode.REDIRECT
+    inbound_ports: PortSpec = PortSpec()
+    inbound_ports_exclude: tuple[int, ...] = ()
+    exclude_interfaces: tuple[str, ...] = ()
+    outbound_ip_ranges_include: CidrSpec = CidrSpec()
+    outbound_ip_ranges_exclude: tuple[IPNetwork, ...] = ()
+    outbound_ports_include: tuple[int, ...] = ()
+    outbound_ports_exclude: tuple[int, ...] = ()
+    kube_virt_interfaces: tuple[str, ...] = ()
+    tproxy_mark: int = 1337
+    tproxy_route_table: int = 133
+    redirect_dns: bool = False
+    capture_all_dns: bool = False
+    dns_servers_v4: tuple[ipaddress.IPv4Address, ...] = ()
+    dns_servers_v6: tuple[ipaddress.IPv6Address, ...] = ()
+    drop_invalid: bool = False
+    enable_ipv6: bool = False
+    owner_groups: OwnerGroups = OwnerGroups()
+    host_ipv4_loopback_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network("127.0.0.1/32")
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How rules are applied (or not). None of this changes which rules are planned."""
+
+    dry_run: bool = False
+    skip_rule_apply: bool = False
+    run_validation: bool = False
+    iptables_probe_port: int = 15002
+    probe_timeout: float = 5.0
+    network_namespace: str | None = None
+    cni_mode: bool = False
+    reconcile: bool = False
+    cleanup_only: bool = False
+    force_apply: bool = False
+    native_nftables: bool = False
+    force_iptables_binary: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: option, environment and annotation strings -> the typed values above. Every parser
+# takes the ``source`` (the flag, variable or annotation that carried the text) so its
+# ConfigError can name it. Lists follow Istio's split: comma-separated, empty items (and here
+# also surrounding spaces) ignored, so "6000,7000," and "6000, 7000" both mean 6000 and 7000.
+
+import logging  # noqa: E402  (this section's own imports; the top belongs to the dataclasses)
+import re  # noqa: E402
+
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+_DIGITS = re.compile(r"[0-9]+")
+_BITS = re.compile(r"0|[1-9][0-9]{0,2}")
+# POSIX-portable user and group names (useradd's default rule); a trailing '$' is allowed for
+# machine accounts. Numbers and a-b ranges are checked before this pattern.
+_OWNER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
+_OWNER_NAME_MAX = 32
+# The kernel keeps uid/gid (u32)-1 as "no id"; iptables' owner match rejects it.
+_MAX_ID = 2**32 - 2
+_MAX_U32 = 2**32 - 1
+# Routing tables the kernel reserves: 253 default, 254 main, 255 local (0 is "unspecified").
+_RESERVED_TABLES = frozenset({0, 253, 254, 255})
+MAX_OWNER_GROUPS_INCLUDE = 64
+# Linux dev_valid_name: 1..15 bytes (IFNAMSIZ 16 with the NUL), not "." or "..", no '/', ':' or
+# whitespace. We also refuse what iptables-restore would tokenize or treat as an option or an
+# inversion (quotes, backslash, '#', a leading '-' or '!') and anything but printable ASCII.
+_IFNAME_FORBIDDEN = frozenset("/:\"'\\#")
+_IFNAME_MAX = 15
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,  # micro sign
+    "\u03bcs": 1e-6,  # Greek mu
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+_log = logging.getLogger(__name__)
+
+
+def split_list(s: str) -> list[str]:
+    """Istio's ``config.Split``: comma-separated items, empty (or blank) items dropped, items trimmed."""
+    return [item.strip() for item in s.split(",") if item.strip()]
+
+
+def parse_bool(source: str, s: str) -> bool:
+    """A boolean spelled as Go's strconv.ParseBool accepts it (1, t, true, TRUE, True, 0, f, ...)."""
+    v = s.strip()
+    if v in _GO_TRUE:
+        return True
+    if v in _GO_FALSE:
+        return False
+    raise ConfigError(source, s, "expected true or false")
+
+
+def _port(source: str, whole: str, item: str) -> int:
+    label = "" if item == whole.strip() else f"{item!r}: "
+    if not _DIGITS.fullmatch(item):
+        raise ConfigError(source, whole, f"{label}not a port number (1-65535)")
+    port = int(item)
+    if not 1 <= port <= 65535:
+        raise ConfigError(source, whole, f"{label}port out of range (1-65535)")
+    return port
+
+
+def parse_port(source: str, s: str) -> int:
+    """One TCP port, 1..65535, in decimal."""
+    return _port(source, s, s.strip())
+
+
+def parse_port_list(source: str, s: str) -> tuple[int, ...]:
+    """A comma-separated list of ports (possibly empty); ``*`` is not allowed here."""
+    if s.strip() == "*":
+        raise ConfigError(source, s, "a wildcard is not allowed here, list the ports")
+    return tuple(_port(source, s, item) for item in split_list(s))
+
+
+def parse_port_spec(source: str, s: str) -> PortSpec:
+    """``*`` (every port), or a list of ports; empty means none."""
+    if s.strip() == "*":
+        return PortSpec(wildcard=True)
+    items = split_list(s)
+    if "*" in items:
+        raise ConfigError(source, s, "'*' must be given alone")
+    return PortSpec(ports=tuple(_port(source, s, item) for item in items))
+
+
+def _cidr(source: str, whole: str, item: str) -> IPNetwork:
+    # Go's netip.ParsePrefix: ADDRESS/BITS, no zone, no netmask form, no bare address. Host bits
+    # may be set; iptables masks them, so we keep the masked network (the same kernel state, and
+    # one spelling in rendered rules).
+    addr, slash, bits = item.partition("/")
+    if not slash:
+        raise ConfigError(source, whole, f"{item!r} is not a CIDR range (ADDRESS/PREFIX)")
+    if "%" in addr:
+        raise ConfigError(source, whole, f"{item!r}: a zone is not allowed in a CIDR range")
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise ConfigError(source, whole, f"{item!r} is not a CIDR range (bad address)") from None
+    if not _BITS.fullmatch(bits) or int(bits) > ip.max_prefixlen:
+        raise ConfigError(source, whole, f"{item!r}: the prefix length must be 0-{ip.max_prefixlen}")
+    return ipaddress.ip_network(f"{ip}/{bits}", strict=False)
+
+
+def parse_cidr(source: str, s: str) -> IPNetwork:
+    """One CIDR range, IPv4 or IPv6 (host bits allowed, masked)."""
+    return _cidr(source, s, s.strip())
+
+
+def parse_cidr_list(source: str, s: str) -> tuple[IPNetwork, ...]:
+    """A comma-separated list of CIDR ranges, IPv4 and IPv6 mixed; ``*`` is not allowed here."""
+    if s.strip() == "*":
+        raise ConfigError(source, s, "a wildcard is not allowed here, list the CIDR ranges")
+    return tuple(_cidr(source, s, item) for item in split_list(s))
+
+
+def parse_cidr_spec(source: str, s: str) -> CidrSpec:
+    """``*`` (every destination), or a list of CIDR ranges; empty means none."""
+    if s.strip() == "*":
+        return CidrSpec(wildcard=True)
+    items = split_list(s)
+    if "*" in items:
+        raise ConfigError(source, s, "'*' must be given alone")
+    return CidrSpec(cidrs=tuple(_cidr(source, s, item) for item in items))
+
+
+def parse_ipv4_loopback_cidr(source: str, s: str) -> ipaddress.IPv4Network:
+    """Istio's ValidateIPv4LoopbackCidr: an IPv4 range in 127.0.0.0/8 with a prefix of 8 to 32."""
+    item = s.strip()
+    net = _cidr(source, s, item)
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise ConfigError(source, s, "an IPv6 range is not allowed here, IPv4 only")
+    if not ipaddress.IPv4Address(item.partition("/")[0]).is_loopback:
+        raise ConfigError(source, s, "not an IPv4 loopback range (127.0.0.0/8)")
+    if not 8 <= net.prefixlen <= 32:
+        raise ConfigError(source, s, "the prefix length must be 8-32")
+    return net
+
+
+def _interface(source: str, whole: str, name: str) -> str:
+    problem = None
+    if len(name) > _IFNAME_MAX:
+        problem = f"longer than {_IFNAME_MAX} characters"
+    elif name in (".", ".."):
+        problem = "not a valid interface name"
+    elif any(c in _IFNAME_FORBIDDEN or not ("!" <= c <= "~") for c in name):
+        problem = "contains a character not allowed in an interface name"
+    elif name[0] in "-!":
+        problem = "an interface name cannot start with '-' or '!'"
+    if problem:
+        raise ConfigError(source, whole, f"interface {name!r}: {problem}")
+    return name
+
+
+def parse_interface_list(source: str, s: str) -> tuple[str, ...]:
+    """A comma-separated list of Linux interface names (a trailing '+' is iptables' wildcard)."""
+    return tuple(_interface(source, s, item) for item in split_list(s))
+
+
+def parse_mode(source: str, s: str) -> InterceptionMode:
+    """REDIRECT or TPROXY; empty means REDIRECT (Istio's default)."""
+    v = s.strip()
+    if v in ("", "REDIRECT"):
+        return InterceptionMode.REDIRECT
+    if v == "TPROXY":
+        return InterceptionMode.TPROXY
+    raise ConfigError(source, s, "expected REDIRECT or TPROXY")
+
+
+def _owner(source: str, whole: str, item: str) -> str:
+    lo, dash, hi = item.partition("-")
+    if _DIGITS.fullmatch(item) or (dash and _DIGITS.fullmatch(lo) and _DIGITS.fullmatch(hi)):
+        first = int(lo)
+        last = int(hi) if dash else first
+        if last > _MAX_ID:
+            raise ConfigError(source, whole, f"id {item!r} out of range (0-{_MAX_ID})")
+        if first > last:
+            raise ConfigError(source, whole, f"range {item!r} is reversed")
+        return f"{first}-{last}" if dash else str(first)
+    if len(item) <= _OWNER_NAME_MAX and _OWNER_NAME.fullmatch(item):
+        return item
+    raise ConfigError(source, whole, f"{item!r} is not a numeric id, an id range or a valid name")
+
+
+def parse_owner_list(source: str, s: str) -> tuple[str, ...]:
+    """Users or groups for iptables' owner match: ids (0..2^32-2), ranges ``a-b`` or names.
+
+    Names are passed through as they are (iptables resolves them when the rules are loaded),
+    never looked up here.
+    """
+    items = split_list(s)
+    if "*" in items:
+        reason = "a wildcard is not allowed here" if items == ["*"] else "'*' must be given alone"
+        raise ConfigError(source, s, reason)
+    return tuple(_owner(source, s, item) for item in items)
+
+
+def parse_owner_groups(
+    include: str,
+    exclude: str,
+    *,
+    include_source: str = "ISTIO_OUTBOUND_OWNER_GROUPS",
+    exclude_source: str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+) -> OwnerGroups:
+    """Istio's ParseInterceptFilter: include ``*`` captures every group except ``exclude``;
+    any other include captures only those groups (at most 64), and exclude does not apply."""
+    excluded = parse_owner_list(exclude_source, exclude)
+    if include.strip() == "*":
+        return OwnerGroups(except_=True, values=excluded)
+    included = parse_owner_list(include_source, include)
+    if len(included) > MAX_OWNER_GROUPS_INCLUDE:
+        raise ConfigError(
+            include_source,
+            include,
+            f"at most {MAX_OWNER_GROUPS_INCLUDE} groups can be captured, got {len(included)}",
+        )
+    if excluded:
+        _log.warning("%s is ignored: it applies only when %s is '*'", exclude_source, include_source)
+    return OwnerGroups(except_=False, values=included)
+
+
+def parse_mark(source: str, s: str) -> int:
+    """A packet mark, 1..2^32-1, in decimal (0 would be "no mark")."""
+    v = s.strip()
+    if not _DIGITS.fullmatch(v) or not 1 <= int(v) <= _MAX_U32:
+        raise ConfigError(source, s, f"expected a mark from 1 to {_MAX_U32}")
+    return int(v)
+
+
+def parse_route_table(source: str, s: str) -> int:
+    """A policy-routing table id, 1..2^32-1 except the kernel's 253, 254 and 255."""
+    v = s.strip()
+    if not _DIGITS.fullmatch(v) or not 1 <= int(v) <= _MAX_U32:
+        raise ConfigError(source, s, f"expected a routing table number from 1 to {_MAX_U32}")
+    if int(v) in _RESERVED_TABLES:
+        raise ConfigError(source, s, "tables 253, 254 and 255 are reserved (default, main, local)")
+    return int(v)
+
+
+def parse_duration(source: str, s: str) -> float:
+    """A Go duration ("5s", "1m30s", "250ms", "0") as seconds; negative values are refused."""
+    v = s.strip()
+    if v == "0":
+        return 0.0
+    rest = v[1:] if v[:1] == "+" else v
+    total = 0.0
+    pos = 0
+    while pos < len(rest):
+        m = _DURATION_PART.match(rest, pos)
+        if m is None or m.group(1) in ("", "."):
+            raise ConfigError(source, s, "expected a duration such as 5s, 1m30s or 500ms")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not rest:
+        raise ConfigError(source, s, "expected a duration such as 5s, 1m30s or 500ms")
+    return total
+
+
+def parse_dns_servers(
+    source: str, s: str
+) -> tuple[tuple[ipaddress.IPv4Address, ...], tuple[ipaddress.IPv6Address, ...]]:
+    """A comma-separated list of IPv4 and IPv6 addresses, split by family (order kept)."""
+    v4: list[ipaddress.IPv4Address] = []
+    v6: list[ipaddress.IPv6Address] = []
+    for item in split_list(s):
+        if "%" in item:
+            raise ConfigError(source, s, f"{item!r}: a zone is not allowed in a DNS server address")
+        try:
+            ip = ipaddress.ip_address(item)
+        except ValueError:
+            raise ConfigError(source, s, f"{item!r} is not an IP address") from None
+        if isinstance(ip, ipaddress.IPv4Address):
+            v4.append(ip)
+        else:
+            v6.append(ip)
+    return tuple(v4), tuple(v6)
+
+
+def parse_iptables_binary(source: str, s: str) -> str | None:
+    """Istio's --force-iptables-binary: empty (detect), ``legacy`` or ``nft``."""
+    v = s.strip()
+    if v == "":
+        return None
+    if v in ("legacy", "nft"):
+        return v
+    raise ConfigError(source, s, "expected legacy or nft")

@@ -1,0 +1,161 @@
+"""What istio-iptables learns from the machine rather than from its options: the proxy's uid
+(from ENVOY_USER), whether the pod has IPv6 (from its addresses) and the DNS servers (from
+resolv.conf). ``Machine`` is the seam; tests pass their own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .executor import CommandNotFound, Executor, RealExecutor, in_netns
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+_log = logging.getLogger(__name__)
+
+_V4_LINK_LOCAL_MULTICAST = ipaddress.IPv4Network("224.0.0.0/24")
+_V6_LINK_LOCAL_MULTICAST = ipaddress.IPv6Network("ff02::/16")
+
+
+class DetectionError(Exception):
+    """The machine could not tell us something we need (and no option gave it)."""
+
+
+class Machine(Protocol):
+    def user_uid(self, name: str) -> str | None:
+        """The numeric uid of user ``name`` as a string, or None when there is no such user."""
+        ...
+
+    def local_addresses(self, netns: str | None) -> list[IPAddress]:
+        """Every address of every interface (of ``netns`` when given), in Go's order: all IPv4
+        addresses first, then all IPv6 ones, each family in interface order."""
+        ...
+
+    def nameservers(self, path: str) -> list[str]:
+        """The ``nameserver`` entries of a resolv.conf file, as written; raises OSError."""
+        ...
+
+
+@dataclass
+class RealMachine:
+    """The machine we run on; commands go through the executor seam."""
+
+    executor: Executor = field(default_factory=RealExecutor)
+
+    def user_uid(self, name: str) -> str | None:
+        import pwd
+
+        try:
+            return str(pwd.getpwnam(name).pw_uid)
+        except (KeyError, ValueError):
+            return None
+
+    def local_addresses(self, netns: str | None) -> list[IPAddress]:
+        argv = in_netns(netns, ["ip", "-j", "addr", "show"])
+        try:
+            done = self.executor.run(argv, timeout=30)
+        except CommandNotFound as e:
+            raise DetectionError(f"cannot list local addresses: {e}") from None
+        if not done.ok:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise DetectionError(
+                f"cannot list local addresses: {' '.join(argv)} exited {done.returncode}"
+                + (f": {detail[-1]}" if detail else "")
+            )
+        return addresses_from_ip_json(done.stdout)
+
+    def nameservers(self, path: str) -> list[str]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return nameservers_from_resolv_conf(f.read())
+
+
+def addresses_from_ip_json(text: str) -> list[IPAddress]:
+    """Addresses from ``ip -j addr show`` output, IPv4 first then IPv6 (the order of a netlink
+    address dump, which is what Go's net.InterfaceAddrs returns)."""
+    try:
+        links = json.loads(text or "[]")
+    except json.JSONDecodeError as e:
+        raise DetectionError(f"cannot parse 'ip -j addr show' output: {e}") from None
+    v4: list[IPAddress] = []
+    v6: list[IPAddress] = []
+    for link in links if isinstance(links, list) else []:
+        for info in link.get("addr_info", []) if isinstance(link, dict) else []:
+            try:
+                addr = ipaddress.ip_address(str(info.get("local", "")).split("%")[0])
+            except ValueError:
+                continue
+            (v4 if addr.version == 4 else v6).append(addr)
+    return v4 + v6
+
+
+def _unmap(addr: IPAddress) -> IPAddress:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _usable(addr: IPAddress) -> bool:
+    """Go: !IsLoopback && !IsLinkLocalUnicast && !IsLinkLocalMulticast."""
+    if addr.is_loopback or addr.is_link_local:
+        return False
+    if isinstance(addr, ipaddress.IPv4Address):
+        return addr not in _V4_LINK_LOCAL_MULTICAST
+    return addr not in _V6_LINK_LOCAL_MULTICAST
+
+
+def detect_ipv6(addresses: Iterable[IPAddress], dual_stack: bool) -> bool:
+    """Istio's getLocalIP: without dual-stack the first usable address decides (IPv6 -> True);
+    with dual-stack, True when any usable address is IPv6. No usable address is an error."""
+    found = False
+    for addr in map(_unmap, addresses):
+        if not _usable(addr):
+            continue
+        found = True
+        if addr.version == 6 or not dual_stack:
+            return addr.version == 6
+    if not found:
+        raise DetectionError(
+            "no valid local IP address found to decide on IPv6 (pass --enable-ipv6 or --no-enable-ipv6)"
+        )
+    return False
+
+
+def nameservers_from_resolv_conf(text: str) -> list[str]:
+    """``nameserver X`` entries (the first word after the keyword), as Go's miekg/dns reads them."""
+    servers = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 1 and fields[0] == "nameserver":
+            servers.append(fields[1])
+    return servers
+
+
+def split_nameservers(
+    servers: Sequence[str],
+) -> tuple[tuple[ipaddress.IPv4Address, ...], tuple[ipaddress.IPv6Address, ...]]:
+    """Istio's IPsSplitV4V6: unparsable entries are skipped; a zone is dropped (a rule cannot carry it)."""
+    v4: list[ipaddress.IPv4Address] = []
+    v6: list[ipaddress.IPv6Address] = []
+    for s in servers:
+        text, _, zone = s.partition("%")
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            _log.debug("ignoring unparsable nameserver %r", s)
+            continue
+        if isinstance(ip, ipaddress.IPv4Address):
+            if zone:  # netip.ParseAddr refuses a zone on an IPv4 address
+                _log.debug("ignoring unparsable nameserver %r", s)
+                continue
+            v4.append(ip)
+        else:
+            if zone:
+                _log.debug("dropping zone %r of nameserver %s", zone, text)
+            v6.append(ip)
+    return tuple(v4), tuple(v6)
