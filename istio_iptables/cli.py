@@ -299,6 +299,12 @@ def _iptables(cfg: Config, opts: ApplyOptions) -> int:
 
     try:
         apply(ruleset, opts)
+        # Istio's validation init container runs with --skip-rule-apply to check rules the CNI
+        # plugin installed, so validation does not depend on applying here.
+        if opts.run_validation and not opts.cleanup_only:
+            from .validation import validate
+
+            validate(cfg, opts, ipv6=cfg.enable_ipv6)
     except ApplyError as e:
         _error(str(e))
         return int(getattr(e, "exit_code", 1))
@@ -313,8 +319,10 @@ def _clean(cfg: Config, opts: ApplyOptions) -> int:
     from .planner import plan
 
     try:
-        # The planned rules let cleanup also find our rules in built-in chains and our routes.
-        cleanup(opts, enable_ipv6=cfg.enable_ipv6, ruleset=plan(cfg))
+        # Both families, whatever this configuration says: rules of an earlier dual-stack run
+        # must not survive. The planned rules let cleanup also find our plain rules in built-in
+        # chains and our routes.
+        cleanup(opts, enable_ipv6=True, ruleset=plan(cfg))
     except ApplyError as e:
         _error(str(e))
         return int(getattr(e, "exit_code", 1))

@@ -396,10 +396,15 @@ def parse_dns_servers(
 
 
 def parse_iptables_binary(source: str, s: str) -> str | None:
-    """Istio's --force-iptables-binary: empty (detect), ``legacy`` or ``nft``."""
+    """Istio's --force-iptables-binary: empty (detect), ``legacy`` or ``nft``.
+
+    The binary names ``iptables-legacy`` and ``iptables-nft`` are accepted too, since that is how
+    operators usually name the variants.
+    """
     v = s.strip()
     if v == "":
         return None
+    v = v.removeprefix("iptables-")
     if v in ("legacy", "nft"):
         return v
-    raise ConfigError(source, s, "expected legacy or nft")
+    raise ConfigError(source, s, "expected legacy or nft (or iptables-legacy, iptables-nft)")

@@ -411,10 +411,16 @@ def fake_apply(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
         if calls["fail"]:
             raise FakeApplyError(*calls["fail"])
 
+    def validate(config: Any, opts: ApplyOptions, *, ipv6: bool = False) -> None:
+        calls["validate"] = (config, opts, ipv6)
+
     mod.ApplyError = FakeApplyError  # type: ignore[attr-defined]
     mod.apply = apply  # type: ignore[attr-defined]
     mod.cleanup = cleanup  # type: ignore[attr-defined]
+    validation = types.ModuleType("istio_iptables.validation")
+    validation.validate = validate  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "istio_iptables.apply", mod)
+    monkeypatch.setitem(sys.modules, "istio_iptables.validation", validation)
     yield calls
 
 
@@ -429,6 +435,9 @@ def test_apply_gets_the_ruleset_and_options(fake_apply: dict[str, Any]) -> None:
 
     cfg, _ = parsed([*PINNED, "-b", "*"])
     assert ruleset == plan(cfg)
+    # Validation runs after --skip-rule-apply too: that is how Istio's validation container
+    # checks rules the CNI plugin installed.
+    assert fake_apply["validate"][0] == cfg
 
 
 def test_apply_error_exit_code(fake_apply: dict[str, Any]) -> None:

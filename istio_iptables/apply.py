@@ -1,0 +1,540 @@
+"""Install a planned Ruleset inside a network namespace, or take ours away again.
+
+The applier of both the init container (``istio-iptables``) and the CNI plugin. It makes no rule
+decisions: the rules come from the planner, the restore text from the renderer. What it adds:
+
+- target: the current namespace or ``--network-namespace``, entered by the child process only;
+- backend: legacy or nft per family (backend.py), logged;
+- atomic: one ``iptables-restore --noflush --wait=N`` per family; in CNI mode the xtables lock is
+  the pod's own namespace file (XTABLES_LOCKFILE), not the node's global lock;
+- all or nothing: when a later step fails, every family already changed is put back as it was;
+- idempotent: the rules in place are compared with the expected ones; equal is a no-op, different
+  is drift (an error unless --reconcile or --force-apply, which replace ours in the same COMMIT);
+- no network name-service lookups: when nsswitch.conf could reach the network, iptables-restore
+  runs with passwd/group lookups limited to local files (nsexec.py);
+- TPROXY policy routing through netlink (routes.py, imported only when the Ruleset needs it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import backend as backends
+from . import state as st
+from .config import ApplyOptions
+from .executor import CommandNotFound, Completed, Executor, RealExecutor, in_netns
+from .ruleset import BUILTIN_CHAINS, Family, FamilyRules, Ruleset
+
+log = logging.getLogger(__name__)
+
+# Seconds iptables-restore waits for the xtables lock (legacy only; nft takes no lock).
+DEFAULT_LOCK_WAIT = 30
+# Extra seconds before a hung child is killed, beyond the lock wait.
+_CHILD_GRACE = 30
+
+
+
+def _nsexec_argv() -> list[str]:
+    """How to start the nsexec launcher: its file, or its source when we run from a zip bundle."""
+    path = Path(__file__).with_name("nsexec.py")
+    if path.is_file():
+        return [sys.executable, "-I", "-S", str(path)]
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"{__package__}.nsexec")
+    source = spec.loader.get_source(spec.name) if spec and spec.loader else None  # type: ignore[attr-defined]
+    if not source:
+        raise ApplyError("cannot find the nsexec launcher of this installation", 1, STATE)
+    return [sys.executable, "-I", "-S", "-c", source]
+
+# ApplyError kinds, for callers that map failures to their own codes (the CNI plugin).
+BINARY_MISSING = "binary-missing"
+NETNS = "netns"
+REJECTED = "rejected"
+LOCK = "lock"
+DRIFT = "drift"
+STATE = "state"
+ROUTES = "routes"
+VALIDATION = "validation"
+OPTIONS = "options"
+
+
+class ApplyError(Exception):
+    """Applying (or cleaning up) failed; nothing of ours was left half-done.
+
+    ``exit_code``: 1 for every failure, 126 for a failed ``--run-validation``.
+    ``kind``: one of the constants above.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1, kind: str = "failed") -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.kind = kind
+
+
+def _fam(family: Family) -> str:
+    return "IPv4" if family is Family.V4 else "IPv6"
+
+
+# --- the target namespace ---------------------------------------------------------------------
+
+# The databases iptables-restore reads for our rules (owner matches).
+_OWNER_DATABASES = ("passwd", "group")
+
+
+def needs_local_lookups(text: str | None) -> bool:
+    """True when nsswitch.conf text lets passwd or group lookups leave the local files.
+
+    ``None`` (no nsswitch.conf) means glibc's built-in defaults, which are files only.
+    """
+    if text is None:
+        return False
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        db, sep, sources = line.partition(":")
+        if not sep or db.strip() not in _OWNER_DATABASES:
+            continue
+        for source in sources.split():
+            if source.startswith("["):  # an action such as [NOTFOUND=return]
+                continue
+            if source != "files":
+                return True
+    return False
+
+
+def host_needs_local_lookups(path: str = "/etc/nsswitch.conf") -> bool:
+    """Whether iptables-restore must run with lookups limited to local files (see nsexec.py)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return needs_local_lookups(f.read())
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+
+
+def check_netns(path: str | None) -> None:
+    """Raise ApplyError unless ``path`` is None or names a network namespace file."""
+    if path is None:
+        return
+    try:
+        st_path = os.stat(path)
+    except OSError as e:
+        raise ApplyError(f"network namespace {path}: {e.strerror}", 1, NETNS) from e
+    try:
+        nsfs = os.stat("/proc/self/ns/net").st_dev
+    except OSError:  # no /proc: leave the final word to nsenter
+        return
+    if st_path.st_dev != nsfs:
+        raise ApplyError(f"network namespace {path}: not a namespace file", 1, NETNS)
+
+
+class _Target:
+    """Runs iptables binaries inside the target namespace, through the executor."""
+
+    def __init__(self, executor: Executor, opts: ApplyOptions, lock_wait: int) -> None:
+        self.executor = executor
+        self.netns = opts.network_namespace
+        self.lock_wait = lock_wait
+        # A pod-scoped lock: the pod's namespace file is unique to it and is never deleted under us.
+        self.lockfile = self.netns if opts.cni_mode and self.netns else None
+        self.local_lookups = host_needs_local_lookups()
+
+    def _run(self, argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> Completed:
+        log.debug("running %s", " ".join(argv))
+        try:
+            res = self.executor.run(argv, stdin=stdin, env=env, timeout=self.lock_wait + _CHILD_GRACE)
+        except CommandNotFound as e:
+            raise ApplyError(f"{e.program}: command not found", 1, BINARY_MISSING) from e
+        if not res.ok:
+            self._launcher_failure(res)
+        return res
+
+    def _launcher_failure(self, res: Completed) -> None:
+        """Turn a failure of nsenter/nsexec itself (not of iptables) into a clear ApplyError."""
+        own = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("nsexec: warning:")]
+        first = own[0].strip() if own else ""
+        if not first.startswith(("nsenter:", "nsexec:")):
+            return
+        if "failed to execute" in first:
+            raise ApplyError(first, 1, BINARY_MISSING)
+        if any(w in first for w in ("cannot open", "reassociate", "cannot enter", "namespace")):
+            raise ApplyError(f"network namespace {self.netns}: {first}", 1, NETNS)
+
+    def save(self, b: backends.Backend) -> Completed:
+        return self._run(in_netns(self.netns, [b.save]))
+
+    def restore(self, b: backends.Backend, doc: str) -> Completed:
+        cmd = [b.restore, "--noflush", f"--wait={self.lock_wait}"]
+        env = {"XTABLES_LOCKFILE": self.lockfile} if b.legacy and self.lockfile else None
+        # Only owner matches make iptables look names up (even numeric ones: getpwnam first).
+        if self.local_lookups and "-owner" in doc:
+            net = ["--net", self.netns] if self.netns else []
+            argv = [*_nsexec_argv(), *net, "--local-lookups", "--", *cmd]
+        else:
+            argv = in_netns(self.netns, cmd)
+        res = self._run(argv, stdin=doc, env=env)
+        for line in res.stderr.splitlines() if res.ok else ():
+            if line.startswith("nsexec: warning:"):
+                log.warning("%s", line.removeprefix("nsexec: "))
+        return res
+
+
+# --- errors from iptables-restore -------------------------------------------------------------
+
+_LINE = re.compile(r"line:? (\d+)")
+
+
+def _restore_error(
+    what: str, b: backends.Backend, res: Completed, doc: str, origins: Sequence[str | None] | None = None
+) -> ApplyError:
+    """The restore tool's own message plus the document line it rejected."""
+    err = "\n".join(ln for ln in res.stderr.splitlines() if not ln.startswith("nsexec: warning:"))
+    msg = err.strip() or res.stdout.strip() or f"exit status {res.returncode}"
+    if "xtables lock" in msg:
+        return ApplyError(f"{what}: {b.restore}: {msg}", 1, LOCK)
+    lines = doc.splitlines()
+    detail = ""
+    m = _LINE.search(msg)
+    if m and 0 < int(m.group(1)) <= len(lines):
+        n = int(m.group(1))
+        text = lines[n - 1]
+        if origins is not None and origins[n - 1]:
+            text = origins[n - 1] or text
+        if text == "COMMIT":
+            table = next((ln[1:].strip() for ln in reversed(lines[: n - 1]) if ln.startswith("*")), "?")
+            detail = f"\nrejected line {n}: COMMIT (the kernel refused the {table} table as a whole)"
+        else:
+            detail = f"\nrejected line {n}: {text}"
+    return ApplyError(f"{what}: {b.restore} failed (exit {res.returncode}): {msg}{detail}", 1, REJECTED)
+
+
+# --- one family -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Family:
+    family: Family
+    backend: backends.Backend
+    before: st.State  # as first read, without check chains
+    expected: FamilyRules | None  # None: only leftovers to look at (family not planned)
+    stale: dict[str, list[str]] = field(default_factory=dict)  # check chains found on arrival
+    sections: dict[str, st.Section] = field(default_factory=dict)
+    document: str = ""
+    origins: list[str | None] | None = None
+    action: str = ""
+    changed: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{_fam(self.family)} ({self.backend.name})"
+
+
+def _render(fr: FamilyRules) -> str:
+    from .render import render_family  # deferred: keeps this module importable on its own
+
+    return render_family(fr)
+
+
+def _open(
+    target: _Target, family: Family, forced: str | None, expected: FamilyRules | None, *, required: bool
+) -> _Family | None:
+    """Choose the backend for ``family`` and read its state (None when optional and unreadable)."""
+    try:
+        choice = backends.choose(family, forced, target.save, target.restore)
+    except ValueError as e:
+        raise ApplyError(str(e), 1, OPTIONS) from e
+    except backends.BackendError as e:
+        if not required:
+            log.info("%s: not inspected: %s", _fam(family), e)
+            return None
+        raise ApplyError(str(e), 1, BINARY_MISSING) from e
+    text = choice.saved
+    if text is None:
+        res = target.save(choice.backend)
+        if not res.ok:
+            if not required:
+                log.info("%s: not inspected: %s", _fam(family), res.stderr.strip())
+                return None
+            raise ApplyError(f"{choice.backend.save} failed: {res.stderr.strip()}", 1, STATE)
+        text = res.stdout
+    return _family(family, choice.backend, text, expected)
+
+
+def _family(family: Family, b: backends.Backend, saved: str, expected: FamilyRules | None) -> _Family:
+    raw = st.parse_save(saved)
+    fam = _Family(family, b, st.without_checks(raw), expected, st.check_chains(raw))
+    if fam.stale:
+        log.info("%s: removing check chains left by an interrupted run: %s", fam.name, fam.stale)
+    return fam
+
+
+def _load_checks(
+    target: _Target, fam: _Family, only: Callable[[str, str], bool] | None = None
+) -> tuple[st.State, st.CheckLoad]:
+    """Load the check copies of ``fam.sections``, then read the namespace back."""
+    load = st.check_document(fam.sections, fam.stale, only)
+    if not load.document:
+        return fam.before, load
+    res = target.restore(fam.backend, load.document)
+    fam.changed = True  # a failed document may still have committed its first tables
+    if not res.ok:
+        raise _restore_error(
+            f"{fam.name}: loading the expected rules", fam.backend, res, load.document, load.origins
+        )
+    saved = target.save(fam.backend)
+    if not saved.ok:
+        raise ApplyError(f"{fam.backend.save} failed: {saved.stderr.strip()}", 1, STATE)
+    return st.parse_save(saved.stdout), load
+
+
+def _put_back(target: _Target, families: Sequence[_Family]) -> None:
+    """Undo whatever this run changed in these families (best effort; logs what it could not)."""
+    for fam in families:
+        if not fam.changed:
+            continue
+        res = target.save(fam.backend)
+        if not res.ok:
+            log.error("%s: cannot read state to roll back: %s", fam.name, res.stderr.strip())
+            continue
+        doc = st.revert(fam.before, st.parse_save(res.stdout))
+        if not doc:
+            fam.changed = False
+            continue
+        log.info("%s: rolling back", fam.name)
+        back = target.restore(fam.backend, doc)
+        if back.ok:
+            fam.changed = False
+        else:
+            log.error("%s: roll back failed: %s", fam.name, back.stderr.strip())
+
+
+def _commit(target: _Target, families: Sequence[_Family], what: str) -> None:
+    """Run each family's document in turn; on any failure put every family back and raise."""
+    for fam in families:
+        if not fam.document:
+            continue
+        action = fam.action or what
+        log.info("%s: %s with %s:\n%s", fam.name, action, fam.backend.restore, fam.document.rstrip())
+        res = target.restore(fam.backend, fam.document)
+        fam.changed = True
+        if not res.ok:
+            err = _restore_error(f"{fam.name}: {action}", fam.backend, res, fam.document, fam.origins)
+            _put_back(target, families)
+            raise err
+
+
+# --- apply ------------------------------------------------------------------------------------
+
+
+def _decide(
+    target: _Target, families: Sequence[_Family], present: Sequence[bool], opts: ApplyOptions
+) -> list[str]:
+    """Set each family's document; returns the drift found (when neither reconcile nor force)."""
+    replace_ok = opts.reconcile or opts.force_apply
+    drift: list[str] = []
+    for fam, has_ours in zip(families, present, strict=True):
+        if not has_ours:
+            # Fresh: the document is exactly the rendered one (what --dry-run prints).
+            fam.document = _render(fam.expected) if fam.expected is not None else ""
+            continue
+        now, load = _load_checks(target, fam)
+        expected = st.expected_from_checks(now, load.names)
+        current = st.find_ours(st.without_checks(now), expected.known())
+        checks = st.check_chains(now)
+        differences = st.describe_drift(current, expected)
+        if not differences and not opts.force_apply:
+            log.info("%s: rules already in place (%s), nothing to do", fam.name, current.summary())
+            fam.document = st.transition(st.Ours(), {}, checks)
+            fam.action = "removing check chains"
+            continue
+        if differences and not replace_ok:
+            drift += [f"{fam.name} {d}" for d in differences]
+            fam.document = st.transition(st.Ours(), {}, checks)
+            fam.action = "removing check chains"
+            continue
+        why = "drift, --reconcile" if differences and opts.reconcile else "--force-apply"
+        log.info("%s: replacing our rules (%s): %s", fam.name, why, "; ".join(differences) or "same rules")
+        fam.document = st.transition(current, fam.sections, checks)
+        fam.action = "replacing our rules"
+
+    return drift
+
+
+def apply(
+    rs: Ruleset, opts: ApplyOptions, executor: Executor | None = None, *, lock_wait: int = DEFAULT_LOCK_WAIT
+) -> None:
+    """Install ``rs`` in the target namespace (see the module docstring). Raises ApplyError.
+
+    ``opts.cleanup_only`` removes ours instead; ``opts.skip_rule_apply`` and ``opts.dry_run`` do
+    nothing. ``lock_wait``: seconds to wait for the xtables lock.
+    """
+    if opts.dry_run:
+        log.info("dry run: not applying rules")
+        return
+    if opts.cleanup_only:
+        cleanup(opts, executor, enable_ipv6=True, ruleset=rs, lock_wait=lock_wait)
+        return
+    if opts.skip_rule_apply:
+        log.info("--skip-rule-apply: not applying rules")
+        return
+    if opts.native_nftables:
+        log.warning("--native-nftables is not implemented: installing the rules with iptables")
+    check_netns(opts.network_namespace)
+    target = _Target(executor or RealExecutor(), opts, lock_wait)
+
+    families: list[_Family] = []
+    for fr in rs.families:
+        fam = _open(target, fr.family, opts.force_iptables_binary, fr, required=True)
+        assert fam is not None
+        fam.sections = st.parse_restore(_render(fr))
+        families.append(fam)
+    present = [not st.find_ours(f.before).empty or bool(f.stale) for f in families]
+    if rs.v6 is None and (any(present) or opts.reconcile or opts.force_apply):
+        # IPv6 is not planned: look for leftovers of an earlier configuration that had it.
+        extra = _open(target, Family.V6, opts.force_iptables_binary, None, required=False)
+        if extra is not None and (not st.find_ours(extra.before).empty or extra.stale):
+            families.append(extra)
+            present.append(True)
+
+    try:
+        drift = _decide(target, families, present, opts)
+    except ApplyError:
+        _put_back(target, families)
+        raise
+    if drift:
+        for fam, has_ours in zip(families, present, strict=True):
+            if not has_ours:
+                fam.document = ""
+        _commit(target, families, "removing check chains")
+        raise ApplyError(
+            "iptables rules from an earlier, different configuration are in place (drift):\n  "
+            + "\n  ".join(drift)
+            + "\nrun again with --reconcile (or --force-apply) to replace them,"
+            + " or with --cleanup-only to remove them",
+            1,
+            DRIFT,
+        )
+    _commit(target, families, "applying")
+
+    if rs.routes or rs.loopback_addresses:
+        from . import routes  # deferred: pulls in pyroute2
+
+        try:
+            routes.apply_routes(rs.routes, rs.loopback_addresses, opts.network_namespace)
+        except routes.RoutesError as e:
+            _put_back(target, families)
+            raise ApplyError(f"TPROXY policy routing: {e}", 1, ROUTES) from e
+    log.info("iptables rules are in place")
+
+
+# --- cleanup ----------------------------------------------------------------------------------
+
+
+def cleanup(
+    opts: ApplyOptions,
+    executor: Executor | None = None,
+    *,
+    enable_ipv6: bool = True,
+    ruleset: Ruleset | None = None,
+    lock_wait: int = DEFAULT_LOCK_WAIT,
+) -> None:
+    """Remove every ISTIO chain and every jump into one, in every table, for IPv4 and (unless
+    ``enable_ipv6`` is False) IPv6, in both backends (only the forced one with
+    --force-iptables-binary). With ``ruleset``, also its other rules in built-in chains, its policy
+    routes and loopback addresses. Foreign rules stay. All or nothing, like apply. Raises ApplyError.
+    """
+    if opts.dry_run:
+        log.info("dry run: not removing rules")
+        return
+    check_netns(opts.network_namespace)
+    target = _Target(executor or RealExecutor(), opts, lock_wait)
+    fam_list = [Family.V4, Family.V6] if enable_ipv6 else [Family.V4]
+    planned = {fr.family: fr for fr in (ruleset.families if ruleset else [])}
+
+    families: list[_Family] = []
+    for family in fam_list:
+        if opts.force_iptables_binary is not None:
+            try:
+                variants = [backends.forced_variant(opts.force_iptables_binary)]
+            except ValueError as e:
+                raise ApplyError(str(e), 1, OPTIONS) from e
+        else:
+            variants = [backends.LEGACY, backends.NFT]
+        found = [b for v in variants if (b := backends.find(family, v)) is not None]
+        if not found:
+            if family is Family.V4 or opts.force_iptables_binary is not None:
+                names = ", ".join(n for v in variants for n in backends.binary_names(family, v))
+                raise ApplyError(
+                    f"no iptables binaries for {_fam(family)} in PATH ({names})", 1, BINARY_MISSING
+                )
+            log.info("%s: no iptables binaries, nothing to clean", _fam(family))
+            continue
+        for b in found:
+            res = target.save(b)
+            if not res.ok:
+                if family is Family.V6 and opts.force_iptables_binary is None:
+                    log.info("%s: not inspected: %s", b.name, res.stderr.strip())
+                    continue
+                raise ApplyError(f"{b.save} failed: {res.stderr.strip()}", 1, STATE)
+            families.append(_family(family, b, res.stdout, planned.get(family)))
+
+    try:
+        for fam in families:
+            _removal(target, fam)
+    except ApplyError:
+        _put_back(target, families)
+        raise
+    _commit(target, families, "removing")
+    if ruleset is not None and (ruleset.routes or ruleset.loopback_addresses):
+        from . import routes
+
+        try:
+            for item in routes.remove_routes(
+                ruleset.routes, ruleset.loopback_addresses, opts.network_namespace
+            ):
+                log.info("removed %s", item)
+        except routes.RoutesError as e:
+            raise ApplyError(f"TPROXY policy routing: {e}", 1, ROUTES) from e
+    log.info("cleanup done")
+
+
+def _removal(target: _Target, fam: _Family) -> None:
+    """Set ``fam.document`` to remove ours (nothing when nothing of ours is there)."""
+    known: dict[tuple[str, str], frozenset[str]] = {}
+    checks = fam.stale
+    if fam.expected is not None:
+        # The planned rules in built-in chains that do not jump to ours can only be recognised
+        # in iptables-save's spelling: load their check copies when such chains hold anything.
+        fam.sections = st.parse_restore(_render(fam.expected))
+        pairs = {
+            (t, ln.split()[1])
+            for t, sec in fam.sections.items()
+            for ln in sec.lines
+            if ln.split()[1] in BUILTIN_CHAINS
+        }
+        if st.needs_known(fam.before, pairs):
+            now, load = _load_checks(target, fam, _plain_builtin_rule)
+            known = st.expected_from_checks(now, load.names).known()
+            checks = st.check_chains(now)
+    current = st.find_ours(fam.before, known)
+    if current.empty and not checks:
+        return
+    log.info("%s: removing %s", fam.name, current.summary())
+    fam.document = st.transition(current, {}, checks)
+
+
+def _plain_builtin_rule(table: str, line: str) -> bool:
+    """A rendered rule in a built-in chain that does not jump to one of our chains."""
+    tokens = line.split()
+    return tokens[1] in BUILTIN_CHAINS and st.jump_target(" ".join(tokens[2:])) not in st.OUR_CHAINS
+
+
+# --- the whole command ------------------------------------------------------------------------
