@@ -1,0 +1,279 @@
+"""What the benchmark serves and feeds: a CA and server certificate, a kubeconfig with a bearer
+token, meshed Pod objects as a sidecar injector leaves them, and the CNI configuration."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+NAMESPACE = "bench"
+POD_IPV4 = "10.244.1.5"
+POD_IPV6 = "fd00:10:244:1::5"
+CIDRS_ANNOTATION = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+PROXY_ARGS = [
+    "proxy",
+    "sidecar",
+    "--domain",
+    "$(POD_NAMESPACE).svc.cluster.local",
+    "--proxyLogLevel=warning",
+    "--proxyComponentLogLevel=misc:error",
+    "--log_output_level=default:info",
+]
+
+
+def write_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost (ECDSA P-256); returns the paths of
+    the CA certificate, the server certificate and the server key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = directory / "ca.crt", directory / "server.crt", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(cert.public_bytes(pem))
+    paths[2].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    paths[2].chmod(0o600)
+    return paths
+
+
+KUBECONFIG_SOURCE = "cni.install.render_kubeconfig"
+
+
+def write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None:
+    """The kubeconfig install-cni writes for the plugin (its own renderer when it has one): the
+    service-account token and the cluster CA inline."""
+    global KUBECONFIG_SOURCE
+    try:
+        from cni.install import render_kubeconfig
+
+        data = render_kubeconfig(server, ca_file.read_bytes(), token)
+    except (ImportError, AttributeError, TypeError):
+        KUBECONFIG_SOURCE = "bench (cni.install.render_kubeconfig unavailable)"
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "local",
+                    "cluster": {
+                        "server": server,
+                        "certificate-authority-data": base64.b64encode(ca_file.read_bytes()).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": "istio-cni", "user": {"token": token}}],
+            "contexts": [{"name": "istio-cni-context", "context": {"cluster": "local", "user": "istio-cni"}}],
+            "current-context": "istio-cni-context",
+        }
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def meshed_pod(name: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Pod as the sidecar injector leaves it in CNI mode: an application container, the
+    ``istio-proxy`` sidecar (uid/gid 1337, dual stack on), the ``istio-validation`` init container
+    and the injector's status annotation."""
+    status = {
+        "initContainers": ["istio-validation"],
+        "containers": ["istio-proxy"],
+        "volumes": ["workload-socket", "credential-socket", "workload-certs", "istio-envoy", "istio-data",
+                    "istio-podinfo", "istio-token", "istiod-ca-cert"],
+        "imagePullSecrets": None,
+        "revision": "default",
+    }  # fmt: skip
+    ann = {
+        "sidecar.istio.io/status": json.dumps(status, separators=(",", ":")),
+        "kubectl.kubernetes.io/default-container": "app",
+        "prometheus.io/path": "/stats/prometheus",
+        "prometheus.io/port": "15020",
+        "prometheus.io/scrape": "true",
+        "istio.io/rev": "default",
+    }
+    ann.update(annotations or {})
+    proxy_env = [
+        {"name": "PILOT_CERT_PROVIDER", "value": "istiod"},
+        {"name": "CA_ADDR", "value": "istiod.istio-system.svc:15012"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE",
+         "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
+        {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}},
+        {"name": "SERVICE_ACCOUNT",
+         "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.serviceAccountName"}}},
+        {"name": "PROXY_CONFIG", "value": "{}\n"},
+        {"name": "ISTIO_META_POD_PORTS", "value": '[{"containerPort":8080,"protocol":"TCP"}]'},
+        {"name": "ISTIO_META_APP_CONTAINERS", "value": "app"},
+        {"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"},
+        {"name": "ISTIO_META_INTERCEPTION_MODE", "value": "REDIRECT"},
+        {"name": "ISTIO_META_MESH_ID", "value": "cluster.local"},
+        {"name": "TRUST_DOMAIN", "value": "cluster.local"},
+        {"name": "ISTIO_DUAL_STACK", "value": "true"},
+    ]  # fmt: skip
+    proxy = {
+        "name": "istio-proxy",
+        "image": "docker.io/istio/proxyv2:1.24.0",
+        "args": PROXY_ARGS,
+        "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
+        "env": proxy_env,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsGroup": 1337,
+            "runAsNonRoot": True,
+            "runAsUser": 1337,
+        },
+        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 15},
+    }  # fmt: skip
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "uid": "0f4e1c3a-2b7d-4c59-9a8e-" + secrets.token_hex(6),
+            "resourceVersion": "123456",
+            "labels": {"app": "productpage", "version": "v1", "security.istio.io/tlsMode": "istio",
+                       "service.istio.io/canonical-name": "productpage"},
+            "annotations": ann,
+        },
+        "spec": {
+            "serviceAccountName": "bookinfo-productpage",
+            "nodeName": "node-1",
+            "initContainers": [
+                {"name": "istio-validation", "image": "docker.io/istio/proxyv2:1.24.0",
+                 "args": ["istio-iptables", "--run-validation", "--skip-rule-apply"],
+                 "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}},
+            ],
+            "containers": [
+                {"name": "app", "image": "docker.io/istio/examples-bookinfo-productpage-v1:1.20.2",
+                 "ports": [{"containerPort": 9080, "protocol": "TCP"}]},
+                proxy,
+            ],
+        },
+        "status": {"phase": "Pending", "podIP": POD_IPV4,
+                   "podIPs": [{"ip": POD_IPV4}, {"ip": POD_IPV6}]},
+    }  # fmt: skip
+
+
+def excluded_cidrs(count: int) -> list[str]:
+    """``count`` distinct IPv4 /24 ranges (10.0.0.0/24, 10.0.1.0/24, ...)."""
+    return [str(ipaddress.IPv4Network((0x0A000000 + (i << 8), 24))) for i in range(count)]
+
+
+def prev_result(netns_path: str) -> dict[str, Any]:
+    """What a primary plugin (bridge + host-local) hands on: one interface, an IPv4 and an IPv6 address."""
+    return {
+        "cniVersion": "1.0.0",
+        "interfaces": [
+            {"name": "cni0", "mac": "62:8a:1e:7c:0d:11"},
+            {"name": "veth4c1d2e3f", "mac": "a6:5b:3f:0e:9a:21"},
+            {"name": "eth0", "mac": "0a:58:0a:f4:01:05", "sandbox": netns_path},
+        ],
+        "ips": [
+            {"interface": 2, "address": f"{POD_IPV4}/24", "gateway": "10.244.1.1"},
+            {"interface": 2, "address": f"{POD_IPV6}/64", "gateway": "fd00:10:244:1::1"},
+        ],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.1.1"}, {"dst": "::/0", "gw": "fd00:10:244:1::1"}],
+        "dns": {},
+    }
+
+
+def cni_config(kubeconfig: Path, netns_path: str, *, log_level: str = "info") -> dict[str, Any]:
+    """The plugin's conflist entry as the runtime passes it on ADD (with ``prevResult``)."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "istio-cni",
+        "log_level": log_level,
+        "plugin_log_level": log_level,
+        "kubernetes": {
+            "kubeconfig": str(kubeconfig),
+            "cni_bin_dir": "/opt/cni/bin",
+            "exclude_namespaces": ["istio-system", "kube-system"],
+        },
+        "prevResult": prev_result(netns_path),
+    }
+
+
+def cni_env(command: str, netns_path: str, pod: str, container_id: str, cni_path: str) -> dict[str, str]:
+    """The environment a runtime (kubelet via CRI) gives a CNI plugin: little more than CNI_* and PATH."""
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": netns_path,
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={pod};"
+        f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=0f4e1c3a",
+        "CNI_PATH": cni_path,
+    }
+
+
+def container_id() -> str:
+    return secrets.token_hex(32)
