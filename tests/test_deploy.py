@@ -162,11 +162,11 @@ def test_installer_writes_into_the_mounted_host_paths(variant: str) -> None:
 
 
 def test_plugin_lets_the_installer_pods_through() -> None:
-    from cni.plugin import AGENT_POD_PREFIX
+    from cni.plugin import NODE_POD_PREFIX
 
     ds = manifests()[("DaemonSet", "istio-cni-node")]
     # DaemonSet pods are named <daemonset>-<suffix>.
-    assert f"{ds['metadata']['name']}-" == AGENT_POD_PREFIX
+    assert ds["metadata"]["name"] + "-" == NODE_POD_PREFIX
 
 
 # --- RBAC -------------------------------------------------------------------------------------

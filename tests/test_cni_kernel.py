@@ -1,0 +1,268 @@
+"""``istio-cni`` ADD for pods that are captured, into fresh network namespaces: the kernel holds
+exactly the rules Istio's CNI cases expect (compared with ../shared/conformance/compare.py),
+in every spec version, chained and standalone, and a refused pod gets nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni.protocol import SUPPORTED_VERSIONS
+from kubeapi import (
+    KubeAPIServer,
+    Pki,
+    PluginRun,
+    k8s_args,
+    make_pki,
+    meshed_pod,
+    netconf,
+    pod_from_case,
+    prev_result,
+    run_plugin,
+    write_kubeconfig,
+)
+from nsutil import NetNS, veth_pair
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFORMANCE = ROOT.parent / "shared" / "conformance"
+CNI_CASES = json.loads((CONFORMANCE / "cni_cases.json").read_text()) if CONFORMANCE.is_dir() else []
+TOKEN = "kernel-test-token"
+NS = "shop"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def api(pki: Pki) -> Iterator[KubeAPIServer]:
+    with KubeAPIServer(pki, TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory, api: KubeAPIServer, pki: Pki) -> Path:
+    # certificate-authority-data and a token file, as Istio's installer writes them.
+    d = tmp_path_factory.mktemp("kc")
+    (d / "token").write_text(TOKEN + "\n")
+    return write_kubeconfig(
+        d / "ZZZ-istio-cni-kubeconfig", api.url, ca_data=pki.ca_cert, token_file=d / "token"
+    )
+
+
+@pytest.fixture(scope="module")
+def exe(venv_bin: Path) -> Path:
+    return venv_bin / "istio-cni"
+
+
+def save(ns: NetNS, tool: str = "iptables-save") -> str:
+    return ns.run([tool]).stdout
+
+
+def istio_lines(ns: NetNS, tool: str = "iptables-save") -> list[str]:
+    return [line for line in save(ns, tool).splitlines() if "ISTIO" in line]
+
+
+def add(exe: Path, ns: NetNS, conf: dict[str, Any], namespace: str, name: str) -> PluginRun:
+    return run_plugin(exe, "ADD", conf, netns=ns.path, args=k8s_args(namespace, name))
+
+
+@pytest.mark.skipif(not CNI_CASES, reason="../shared/conformance is not present")
+@pytest.mark.parametrize("case", CNI_CASES, ids=[c["name"] for c in CNI_CASES])
+def test_cni_case_installs_istios_rules(
+    case: dict[str, Any],
+    exe: Path,
+    kubeconfig: Path,
+    api: KubeAPIServer,
+    netns: Callable[..., NetNS],
+    tmp_path: Path,
+) -> None:
+    pod = case["pod"]
+    api.add_pod(pod_from_case(pod))
+    ns = netns("cni-case")
+    prev = prev_result("1.0.0", netns=ns.path)
+    run = add(exe, ns, netconf(kubeconfig, prev_result=prev), pod["namespace"], pod["name"])
+    assert run.code == 0, f"{run.stdout}\n{run.stderr}"
+    assert json.loads(run.stdout) == prev
+    actual = tmp_path / "actual.rules"
+    actual.write_text("# iptables-restore\n" + save(ns))
+    r = subprocess.run(
+        [sys.executable, str(CONFORMANCE / "compare.py"), str(CONFORMANCE / case["expected"]["v4"])]
+        + ["--actual-file", str(actual)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert not istio_lines(ns, "ip6tables-save")
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_meshed_pod_in_every_version(
+    version: str, exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    name = f"web-{version.replace('.', '-')}"
+    api.add_pod(meshed_pod(name, NS))
+    ns = netns("ver")
+    prev = prev_result(version, netns=ns.path)
+    run = add(exe, ns, netconf(kubeconfig, version=version, prev_result=prev), NS, name)
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout) == prev
+    assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_lines(ns)
+    assert f"installed REDIRECT capture rules (IPv4) in {ns.path}" in run.stderr
+
+
+def test_standalone_reads_addresses_from_the_namespace(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    # Multus: no prevResult. The pod already has its IPv6-only primary interface.
+    api.add_pod(meshed_pod("multus-v6", NS))
+    pod, peer = netns("pod6"), netns("peer6")
+    veth_pair(pod, peer, addrs_a=["fd00:10:244::5/64"], addrs_b=["fd00:10:244::1/64"])
+    run = add(exe, pod, netconf(kubeconfig, version="0.3.1"), NS, "multus-v6")
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout) == {"cniVersion": "0.3.1", "dns": {}}
+    assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_lines(pod, "ip6tables-save")
+    assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_lines(pod)
+
+
+def test_dual_stack_pod_gets_both_families(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    api.add_pod(meshed_pod("dual", NS, proxy_env={"ISTIO_DUAL_STACK": "true"}))
+    ns = netns("dual")
+    prev = prev_result("1.1.0", netns=ns.path)
+    prev["ips"].append({"interface": 2, "address": "fd00:10:244::5/64"})
+    run = add(exe, ns, netconf(kubeconfig, version="1.1.0", prev_result=prev), NS, "dual")
+    assert run.code == 0, run.stderr
+    assert istio_lines(ns) and istio_lines(ns, "ip6tables-save")
+
+
+def test_tproxy_pod_gets_its_policy_route(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    api.add_pod(meshed_pod("tp", NS, annotations={"sidecar.istio.io/interceptionMode": "TPROXY"}))
+    ns = netns("tproxy")
+    run = add(exe, ns, netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path)), NS, "tp")
+    assert run.code == 0, run.stderr
+    assert any("TPROXY --on-port 15006" in line for line in istio_lines(ns))
+    assert "fwmark 0x539 lookup 133" in ns.run(["ip", "rule"]).stdout
+    assert "local default dev lo" in ns.run(["ip", "route", "show", "table", "133"]).stdout
+
+
+def test_bad_annotation_installs_nothing(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    bad = {
+        "istio.io/reroute-virtual-interfaces": "eth0 -j ACCEPT",
+        "traffic.sidecar.istio.io/includeInboundPorts": "80",
+    }
+    api.add_pod(meshed_pod("bad", NS, annotations=bad))
+    ns = netns("bad")
+    before = (save(ns), save(ns, "ip6tables-save"))
+    run = add(exe, ns, netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path)), NS, "bad")
+    doc = json.loads(run.stdout)
+    assert run.code == 1 and doc["code"] == 999
+    assert "istio.io/reroute-virtual-interfaces" in doc["msg"] and "'eth0 -j ACCEPT'" in doc["msg"]
+    assert (save(ns), save(ns, "ip6tables-save")) == before
+    assert not istio_lines(ns)
+
+
+def test_readd_is_idempotent_and_converges_on_changed_annotations(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    ns = netns("readd")
+    conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))
+    api.add_pod(meshed_pod("readd", NS))
+    assert add(exe, ns, conf, NS, "readd").code == 0
+    first = istio_lines(ns)
+    assert add(exe, ns, conf, NS, "readd").code == 0
+    assert istio_lines(ns) == first
+    # A network reload re-runs ADD in the same namespace; the pod changed meanwhile.
+    api.add_pod(
+        meshed_pod("readd", NS, annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "5432"})
+    )
+    run = add(exe, ns, conf, NS, "readd")
+    assert run.code == 0, run.stderr
+    now = istio_lines(ns)
+    assert "-A ISTIO_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN" in now
+    assert not any("--dport 15020 -j RETURN" in line and "ISTIO_OUTPUT" in line for line in now)
+
+
+def test_del_with_and_without_the_namespace(exe: Path, kubeconfig: Path, netns: Callable[..., NetNS]) -> None:
+    ns = netns("del")
+    conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))
+    run = run_plugin(exe, "DEL", conf, netns=ns.path, args=k8s_args(NS, "gone"))
+    assert (run.code, run.stdout) == (0, "")
+    path = ns.path
+    subprocess.run(["ip", "netns", "del", ns.name], check=True)
+    run = run_plugin(exe, "DEL", conf, netns=path, args=k8s_args(NS, "gone"))
+    assert (run.code, run.stdout) == (0, "")
+
+
+def test_pass_through_pod_gets_nothing(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    api.add_pod(meshed_pod("plain", NS, init_containers=("istio-init",)))
+    ns = netns("plain")
+    pod_peer = netns("plainpeer")
+    veth_pair(ns, pod_peer, addrs_a=["10.9.0.2/24"], addrs_b=["10.9.0.1/24"])
+    run = add(exe, ns, netconf(kubeconfig), NS, "plain")
+    assert run.code == 0, run.stderr
+    assert not istio_lines(ns) and not istio_lines(ns, "ip6tables-save")
+
+
+def test_standalone_without_any_address_plans_ipv4(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    api.add_pod(meshed_pod("bare", NS))
+    ns = netns("bare")  # only lo
+    run = add(exe, ns, netconf(kubeconfig, version="1.1.0"), NS, "bare")
+    assert run.code == 0, run.stderr
+    assert "the pod has no address yet; planning IPv4 rules only" in run.stderr
+    assert istio_lines(ns) and not istio_lines(ns, "ip6tables-save")
+
+
+_IMPORT_PROBE = """
+import io, json, os, sys
+from cni.plugin import run
+code = run(os.environ, io.BytesIO(sys.stdin.buffer.read()), io.StringIO(), sys.stderr)
+heavy = sorted(m for m in ("click", "pyroute2", "yaml") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_add_path_stays_lean(
+    mode: str, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS], venv_bin: Path
+) -> None:
+    # No CLI framework ever; the netlink library only when TPROXY needs its routes; PyYAML not
+    # for a kubeconfig in the installer's plain style.
+    name = f"lean-{mode.lower()}"
+    api.add_pod(meshed_pod(name, NS, annotations={"sidecar.istio.io/interceptionMode": mode}))
+    ns = netns("lean")
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "abc",
+        "CNI_NETNS": ns.path,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/opt/cni/bin",
+        "CNI_ARGS": k8s_args(NS, name),
+    }
+    conf = json.dumps(netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))).encode()
+    p = subprocess.run(
+        [str(venv_bin / "python"), "-c", _IMPORT_PROBE], input=conf, env=env, capture_output=True, check=False
+    )
+    out = json.loads(p.stdout)
+    assert out["code"] == 0, p.stderr.decode()
+    assert out["heavy"] == (["pyroute2"] if mode == "TPROXY" else [])
