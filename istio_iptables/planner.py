@@ -214,25 +214,13 @@ class _FamilyPlan:
         self.b.append(RAW, "OUTPUT", "-j", OUTPUT_DNS)
         if capture_all or servers:
             self.b.append(NAT, OUTPUT, "-j", OUTPUT_DNS)
-        if capture_all:
-            self.b.append(
-                NAT, OUTPUT_DNS, "-p", "tcp", "--dport", "53", "-j", "REDIRECT", "--to-ports", DNS_PROXY_PORT
-            )
-        else:
-            for s in servers:
+        # All TCP rules, then all UDP ones; Istio spells the REDIRECT option differently for each.
+        destinations: list[tuple[str, ...]] = [()] if capture_all else [("-d", s) for s in servers]
+        for proto, to_ports in (("tcp", "--to-ports"), ("udp", "--to-port")):
+            for dst in destinations:
                 self.b.append(
-                    NAT, OUTPUT_DNS, "-p", "tcp", "--dport", "53", "-d", s,
-                    "-j", "REDIRECT", "--to-ports", DNS_PROXY_PORT,
-                )  # fmt: skip
-        if capture_all:
-            self.b.append(
-                NAT, OUTPUT_DNS, "-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-port", DNS_PROXY_PORT
-            )
-        else:
-            for s in servers:
-                self.b.append(
-                    NAT, OUTPUT_DNS, "-p", "udp", "--dport", "53", "-d", s,
-                    "-j", "REDIRECT", "--to-port", DNS_PROXY_PORT,
+                    NAT, OUTPUT_DNS, "-p", proto, "--dport", "53", *dst,
+                    "-j", "REDIRECT", to_ports, DNS_PROXY_PORT,
                 )  # fmt: skip
         self.dns_conntrack_zones(capture_all, servers)
 
