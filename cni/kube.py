@@ -1,23 +1,25 @@
 """Just enough of a Kubernetes client for one request: read a kubeconfig and GET one Pod over
 verified TLS, with bounded retries and an overall deadline.
 
-Standard library only (http.client + ssl); PyYAML is imported only for a kubeconfig that is
-not JSON. There is deliberately no way to turn certificate verification off.
+Standard library only: ``ssl`` and a minimal HTTP/1.1 GET (``http.client`` would pull in the
+``email`` package, which costs more start-up than the request itself). PyYAML is imported only
+for a kubeconfig that is neither JSON nor the plain YAML kubeconfig writers emit. There is
+deliberately no way to turn certificate verification off.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import quote, urlsplit
+
+from cni.protocol import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Callable
+    from typing import IO, Any
 
 MAX_BODY = 8 << 20
 
@@ -198,8 +200,9 @@ def _named(doc: dict[str, Any], kind: str, name: str, path: str) -> dict[str, An
 
 
 def _b64(value: Any, what: str, path: str) -> bytes:
+    # base64.b64decode(s, validate=True), without importing base64 before ssl needs it.
     try:
-        return base64.b64decode(str(value), validate=True)
+        return binascii.a2b_base64(str(value).encode("ascii"), strict_mode=True)
     except (binascii.Error, ValueError):
         raise KubeError(f"kubeconfig {path}: {what} is not valid base64") from None
 
@@ -229,9 +232,10 @@ def load_kubeconfig(path: str) -> KubeConfig:
         return os.path.join(base, str(value)) if value else None
 
     server = str(cluster.get("server") or "")
-    parts = urlsplit(server)
-    if parts.scheme != "https" or not parts.hostname:
-        raise KubeError(f"kubeconfig {path}: server {server!r} is not an https:// URL")
+    try:
+        split_server(server)
+    except ValueError as e:
+        raise KubeError(f"kubeconfig {path}: server {server!r} {e}") from None
     if cluster.get("insecure-skip-tls-verify"):
         raise KubeError(
             f"kubeconfig {path}: insecure-skip-tls-verify is not supported; give the cluster's CA"
@@ -303,42 +307,242 @@ def ssl_context(kc: KubeConfig) -> ssl.SSLContext:
     return ctx
 
 
+# --- the request -----------------------------------------------------------------------------
+
+# What urlsplit strips from the front of a URL (WHATWG C0 controls and space) and removes anywhere.
+_C0_OR_SPACE = "".join(chr(i) for i in range(33))
+_URL_UNSAFE = ("\t", "\r", "\n")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+def split_server(server: str) -> tuple[str, int, str]:
+    """``(host, port, path)`` of an ``https://`` server URL, read as ``urllib.parse.urlsplit`` reads
+    it (host lower-cased and without brackets, port 443 when absent or 0, path without trailing
+    ``/``; userinfo, query and fragment ignored). Raises ValueError saying what is wrong."""
+    url = server.lstrip(_C0_OR_SPACE)
+    for c in _URL_UNSAFE:
+        url = url.replace(c, "")
+    scheme, colon, rest = url.partition(":")
+    if not colon or scheme.lower() != "https":
+        raise ValueError("is not an https:// URL")
+    netloc = ""
+    if rest.startswith("//"):
+        rest = rest[2:]
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        netloc, rest = rest[:end], rest[end:]
+    path = rest.partition("#")[0].partition("?")[0]
+    if ("[" in netloc) != ("]" in netloc):
+        raise ValueError("is not an https:// URL (unbalanced brackets)")
+    hostinfo = netloc.rpartition("@")[2]
+    if "[" in hostinfo:
+        host, _, after = hostinfo.partition("[")[2].partition("]")
+        port_text = after.partition(":")[2]
+    else:
+        host, _, port_text = hostinfo.partition(":")
+    if not host:
+        raise ValueError("is not an https:// URL")
+    host, pct, zone = host.partition("%")
+    host = host.lower() + pct + zone
+    port = 0
+    if port_text:
+        if not (port_text.isascii() and port_text.isdigit()):
+            raise ValueError(f"has an invalid port {port_text!r}")
+        port = int(port_text)
+        if port > 65535:
+            raise ValueError(f"has a port out of range: {port}")
+    return host, port or 443, path.rstrip("/")
+
+
+def quote_segment(s: str) -> str:
+    """``urllib.parse.quote(s, safe="")``: one path segment, everything but unreserved escaped."""
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in s.encode("utf-8"))
+
+
+class HTTPError(Exception):
+    """The server's answer is not the HTTP/1.1 this client understands."""
+
+
+class TooLarge(HTTPError):
+    """The body exceeds the caller's limit."""
+
+
+MAX_LINE = 65536
+MAX_HEADERS = 100
+
+
+class Response(NamedTuple):
+    """A response as read_response returns it."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+
+
+def _line(f: IO[bytes], what: str) -> bytes:
+    line = f.readline(MAX_LINE + 1)
+    if len(line) > MAX_LINE:
+        raise HTTPError(f"{what} longer than {MAX_LINE} bytes")
+    return line
+
+
+def _exactly(f: IO[bytes], n: int) -> bytes:
+    data = f.read(n)
+    if len(data) < n:
+        raise HTTPError(f"the response ended early: {len(data)} of {n} body bytes")
+    return data
+
+
+def _chunked(f: IO[bytes], limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        size_line = _line(f, "a chunk size line")
+        if not size_line:
+            raise HTTPError("the response ended inside its chunked body")
+        text = size_line.partition(b";")[0].strip()
+        if not text or text.strip(b"0123456789abcdefABCDEF"):
+            raise HTTPError(f"bad chunk size line {size_line[:40]!r}")
+        size = int(text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise TooLarge(limit)
+        parts.append(_exactly(f, size))
+        if _line(f, "a chunk terminator") not in (b"\r\n", b"\n"):
+            raise HTTPError("a chunk is not followed by CRLF")
+    for _ in range(MAX_HEADERS + 1):  # trailer fields, ignored
+        if _line(f, "a trailer line") in (b"\r\n", b"\n", b""):
+            return b"".join(parts)
+    raise HTTPError(f"more than {MAX_HEADERS} trailer lines")
+
+
+def read_response(f: IO[bytes], limit: int = MAX_BODY) -> Response:
+    """One HTTP/1.x response from ``f``: status line, header fields, then the body framed by
+    chunked transfer-encoding, Content-Length, or the end of the connection. Interim 1xx
+    responses are skipped. Raises HTTPError for anything malformed, TooLarge past ``limit``."""
+    while True:
+        line = _line(f, "the status line")
+        if not line:
+            raise HTTPError("the server closed the connection without a response")
+        fields = line.decode("latin-1").split(None, 2)
+        if len(fields) < 2 or not fields[0].startswith("HTTP/1."):
+            raise HTTPError(f"bad status line {line[:80]!r}")
+        code = fields[1]
+        if len(code) != 3 or not (code.isascii() and code.isdigit()) or code[0] == "0":
+            raise HTTPError(f"bad status line {line[:80]!r}")
+        status = int(code)
+        reason = fields[2].strip() if len(fields) > 2 else ""
+        headers: dict[str, str] = {}
+        last = ""
+        for _ in range(MAX_HEADERS + 1):
+            line = _line(f, "a header line")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            text = line.decode("latin-1").rstrip("\r\n")
+            if not text:
+                raise HTTPError(f"bad header line {line[:80]!r}")
+            if text[0] in " \t" and last:  # obsolete line folding: part of the previous value
+                headers[last] += " " + text.strip()
+                continue
+            name, colon, value = text.partition(":")
+            name = name.lower()
+            if not colon or not name or name != name.strip() or " " in name:
+                raise HTTPError(f"bad header line {line[:80]!r}")
+            value = value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            last = name
+        else:
+            raise HTTPError(f"more than {MAX_HEADERS} header lines")
+        if not 100 <= status < 200 or status == 101:
+            break
+    if status in (101, 204, 304) or 100 <= status < 200:
+        return Response(status, reason, headers, b"")
+    codings = [c.strip().lower() for c in headers.get("transfer-encoding", "").split(",") if c.strip()]
+    if codings and codings[-1] == "chunked":
+        body = _chunked(f, limit)
+    elif codings or "content-length" not in headers:
+        body = f.read(limit + 1)  # delimited by the end of the connection
+        if len(body) > limit:
+            raise TooLarge(limit)
+    else:
+        values = {v.strip() for v in headers["content-length"].split(",")}
+        text = values.pop()
+        if values or not (text.isascii() and text.isdigit()):
+            raise HTTPError(f"bad Content-Length {headers['content-length']!r}")
+        length = int(text)
+        if length > limit:
+            raise TooLarge(limit)
+        body = _exactly(f, length)
+    return Response(status, reason, headers, body)
+
+
+def _host_bytes(host: str) -> str | bytes:
+    # socket and ssl would run a str host name through the idna codec (an import of its own);
+    # an ASCII name needs no conversion.
+    return host.encode("ascii") if host.isascii() else host
+
+
+def http_get(
+    ctx: ssl.SSLContext,
+    host: str,
+    port: int,
+    target: str,
+    headers: dict[str, str],
+    *,
+    server_hostname: str | None = None,
+    timeout: float,
+    limit: int = MAX_BODY,
+) -> Response:
+    """``GET target`` over a new TLS connection (``Connection: close``). ``server_hostname`` is the
+    name the certificate must carry (default ``host``). Raises OSError (ssl errors included),
+    HTTPError or TooLarge."""
+    import socket
+
+    authority = f"[{host}]" if ":" in host else host
+    if port != 443:
+        authority = f"{authority}:{port}"
+    lines = [f"GET {target} HTTP/1.1", f"Host: {authority}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines += ["Connection: close", "", ""]
+    request = "\r\n".join(lines).encode("latin-1")
+    # (socket accepts a bytes host; typeshed's annotation does not say so)
+    raw = socket.create_connection((_host_bytes(host), port), timeout=timeout)  # type: ignore[arg-type]
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=_host_bytes(server_hostname or host))
+    except BaseException:
+        raw.close()
+        raise
+    with tls, tls.makefile("rb") as f:
+        tls.sendall(request)
+        return read_response(f, limit)
+
+
 def get_pod(kc: KubeConfig, namespace: str, name: str, timeout: float) -> dict[str, Any]:
     """One ``GET /api/v1/namespaces/NS/pods/NAME``; the Pod object, or KubeError."""
-    import http.client
-    import socket
     import ssl
 
-    parts = urlsplit(kc.server)
-    prefix = parts.path.rstrip("/")
-    target = f"{prefix}/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
-    headers = {"Accept": "application/json"}
+    try:
+        host, port, prefix = split_server(kc.server)
+    except ValueError as e:
+        raise KubeError(f"server {kc.server!r} {e}") from None
+    target = f"{prefix}/api/v1/namespaces/{quote_segment(namespace)}/pods/{quote_segment(name)}"
     token = kc.bearer_token()
+    headers = {"Accept": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     ctx = ssl_context(kc)
-    host = parts.hostname or ""
-    port = parts.port or 443
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        raw = socket.create_connection((host, port), timeout=timeout)
-        try:
-            # tls-server-name, when given, is the name the certificate must carry.
-            conn.sock = ctx.wrap_socket(raw, server_hostname=kc.tls_server_name or host)
-        except BaseException:
-            raw.close()
-            raise
-        conn.request("GET", target, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read(MAX_BODY + 1)
+        # tls-server-name, when given, is the name the certificate must carry.
+        resp = http_get(ctx, host, port, target, headers, server_hostname=kc.tls_server_name, timeout=timeout)
     except ssl.SSLCertVerificationError as e:
         raise KubeError(f"TLS verification of {kc.server} failed: {e.verify_message}") from None
-    except (OSError, http.client.HTTPException) as e:
+    except TooLarge:
+        raise KubeError(f"GET {target}: response larger than {MAX_BODY} bytes") from None
+    except (OSError, HTTPError) as e:
         raise KubeError(f"GET {kc.server}{target}: {str(e) or type(e).__name__}") from None
-    finally:
-        conn.close()
-    if len(body) > MAX_BODY:
-        raise KubeError(f"GET {target}: response larger than {MAX_BODY} bytes")
+    body = resp.body
     if resp.status != 200:
         detail = ""
         try:

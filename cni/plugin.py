@@ -24,8 +24,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from cni.protocol import (
     ERR_DECODING_FAILURE,
@@ -37,8 +35,10 @@ from cni.protocol import (
     ERR_TRY_AGAIN_LATER,
     LATEST_VERSION,
     SUPPORTED_VERSIONS,
+    TYPE_CHECKING,
     CniError,
     Invocation,
+    NamedTuple,
     Result,
     check_version,
     config_version,
@@ -52,6 +52,9 @@ from cni.protocol import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import IO, Any
+
     from istio_iptables.config import Config
     from istio_iptables.executor import Executor
 

@@ -8,11 +8,13 @@ Annotation values are untrusted: each one goes through the same validating parse
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from cni.protocol import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    import ipaddress
+    from collections.abc import Iterable, Mapping
+    from typing import Any
+
     from istio_iptables.config import Config
 
 ISTIO_INIT = "istio-init"
@@ -165,6 +167,8 @@ def ipv6_enabled(
     """Istio's rule from the pod's own addresses (loopback and link-local ignored): without dual
     stack its first address decides, and the kernel lists IPv4 addresses before IPv6 ones, so
     IPv6 rules only for an IPv6-only pod; with dual stack, any IPv6 address."""
+    import ipaddress
+
     usable = []
     for a in addresses:
         if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:

@@ -1,17 +1,53 @@
 """The CNI protocol, independent of what the plugin does: the environment and stdin a runtime
 passes, version negotiation, result conversion between spec versions, and the error object.
 
-Only light standard-library modules are imported here (no dataclasses: it pulls in inspect):
-this module is on every ``istio-cni`` start.
+This module is on every ``istio-cni`` start, so it imports only ``json`` at module level: no
+``typing`` (NamedTuple classes are built by the small stand-in below), no ``dataclasses`` (it
+pulls in ``inspect``), and ``ipaddress`` only where an address is read.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import re
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+
+# Read as True by type checkers (they treat any ``TYPE_CHECKING`` name so), False at run time:
+# typing-only imports cost nothing when the plugin runs.
+TYPE_CHECKING = False
+
+if TYPE_CHECKING:
+    import ipaddress
+    from collections.abc import Mapping
+    from typing import Any
+    from typing import NamedTuple as NamedTuple
+else:
+
+    class _NamedTupleMeta(type):
+        """What ``typing.NamedTuple`` does for a class statement, without importing ``typing``:
+        the annotated names become a ``collections.namedtuple`` (with their defaults), and the
+        class body's methods and docstring are copied onto it."""
+
+        def __new__(cls, name, bases, ns):
+            from collections import namedtuple
+
+            fields = list(ns.get("__annotations__", {}))
+            defaults = []
+            for f in fields:
+                if f in ns:
+                    defaults.append(ns[f])
+                elif defaults:
+                    raise TypeError(f"Non-default namedtuple field {f} cannot follow default field")
+            tup = namedtuple(name, fields, defaults=defaults, module=ns["__module__"])
+            for key, value in ns.items():
+                if key not in fields and key != "__module__":
+                    setattr(tup, key, value)
+            return tup
+
+    _NamedTupleBase = type.__new__(_NamedTupleMeta, "NamedTuple", (), {})
+
+    def NamedTuple(*args, **kwargs):  # noqa: N802 - typing's name
+        raise TypeError("only the class form 'class X(NamedTuple): ...' is supported here")
+
+    NamedTuple.__mro_entries__ = lambda bases: (_NamedTupleBase,)
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
@@ -47,8 +83,13 @@ _REQUIRED_ENV: dict[str, tuple[str, ...]] = {
 # Lowest spec version that defines each command.
 _MIN_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
-_ID_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
-_VERSION_RE = re.compile(r"(\d+)\.(\d+)\.(\d+)\Z")
+# ``[a-zA-Z0-9][a-zA-Z0-9_.\-]*``: container IDs and network names (skel's regular expression).
+_ID_FIRST = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_ID_CHARS = _ID_FIRST | frozenset("_.-")
+
+
+def _valid_id(s: str) -> bool:
+    return bool(s) and s[0] in _ID_FIRST and all(c in _ID_CHARS for c in s)
 
 
 class CniError(Exception):
@@ -108,7 +149,7 @@ def read_environment(environ: Mapping[str, str]) -> Invocation:
 
 
 def validate_container_id(cid: str) -> None:
-    if not _ID_RE.match(cid):
+    if not _valid_id(cid):
         raise CniError(ERR_INVALID_ENVIRONMENT, "invalid characters in containerID", cid)
 
 
@@ -139,7 +180,7 @@ def parse_netconf(data: bytes) -> dict[str, Any]:
     name = conf.get("name")
     if not name:
         raise CniError(ERR_INVALID_NETWORK_CONFIG, "missing network name")
-    if not isinstance(name, str) or not _ID_RE.match(name):
+    if not isinstance(name, str) or not _valid_id(name):
         raise CniError(ERR_INVALID_NETWORK_CONFIG, "invalid characters found in network name", str(name))
     return conf
 
@@ -153,10 +194,11 @@ def config_version(conf: Mapping[str, Any]) -> str:
 
 
 def _version_tuple(v: str) -> tuple[int, int, int]:
-    m = _VERSION_RE.match(v)
-    if not m:
+    parts = v.split(".")
+    # As the pattern (\d+)\.(\d+)\.(\d+) would: decimal digits only, no signs or spaces.
+    if len(parts) != 3 or not all(p.isdecimal() for p in parts):
         raise CniError(ERR_DECODING_FAILURE, f"invalid version {v!r}: expected MAJOR.MINOR.PATCH")
-    return int(m[1]), int(m[2]), int(m[3])
+    return int(parts[0]), int(parts[1]), int(parts[2])
 
 
 def check_version(command: str, version: str) -> None:
@@ -270,11 +312,15 @@ class Result(NamedTuple):
     dns: dict[str, Any] | None = None
 
     def addresses(self) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        import ipaddress
+
         return [ipaddress.ip_interface(ip["address"]) for ip in self.ips]
 
 
 def parse_result(raw: Any) -> Result:
     """A prevResult of any supported version (0.3.x and 0.4.0 carry ``version`` in each ip)."""
+    import ipaddress
+
     obj = _obj(raw, "prevResult")
     interfaces = []
     for i, it in enumerate(_list(obj.get("interfaces"), "interfaces")):
@@ -364,6 +410,8 @@ def render_result(result: Result, version: str) -> dict[str, Any]:
         for ip in result.ips:
             entry: dict[str, Any] = {}
             if legacy:
+                import ipaddress
+
                 entry["version"] = str(ipaddress.ip_interface(ip["address"]).version)
             entry.update({k: ip[k] for k in ("interface", "address", "gateway") if k in ip})
             ips.append(entry)
