@@ -10,28 +10,28 @@ decisions: the rules come from the planner, the restore text from the renderer. 
 - all or nothing: when a later step fails, every family already changed is put back as it was;
 - idempotent: the rules in place are compared with the expected ones; equal is a no-op, different
   is drift (an error unless --reconcile or --force-apply, which replace ours in the same COMMIT);
-- no network name-service lookups: when nsswitch.conf could reach the network, iptables-restore
-  runs with passwd/group lookups limited to local files (nsexec.py);
-- TPROXY policy routing through netlink (routes.py, imported only when the Ruleset needs it).
+- no network name-service lookups: when nsswitch.conf could reach the network for passwd/group
+  (sss, ldap, nis, winbind, compat...; not files or systemd), iptables-restore runs with those
+  lookups limited to local files (nsexec.py); otherwise plain nsenter;
+- loopback addresses (``::6``) through one standard-library netlink request (netlink.py), TPROXY
+  policy routing through pyroute2 (routes.py, imported only when the Ruleset needs it).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import backend as backends
 from . import state as st
 from .config import ApplyOptions
 from .executor import CommandNotFound, Completed, Executor, RealExecutor, in_netns
+from .lazylog import get_logger
 from .ruleset import BUILTIN_CHAINS, Family, FamilyRules, Ruleset
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Seconds iptables-restore waits for the xtables lock (legacy only; nft takes no lock).
 DEFAULT_LOCK_WAIT = 30
@@ -42,9 +42,9 @@ _CHILD_GRACE = 30
 
 def _nsexec_argv() -> list[str]:
     """How to start the nsexec launcher: its file, or its source when we run from a zip bundle."""
-    path = Path(__file__).with_name("nsexec.py")
-    if path.is_file():
-        return [sys.executable, "-I", "-S", str(path)]
+    path = os.path.join(os.path.dirname(__file__), "nsexec.py")
+    if os.path.isfile(path):
+        return [sys.executable, "-I", "-S", path]
     import importlib.util
 
     spec = importlib.util.find_spec(f"{__package__}.nsexec")
@@ -88,9 +88,18 @@ def _fam(family: Family) -> str:
 # The databases iptables-restore reads for our rules (owner matches).
 _OWNER_DATABASES = ("passwd", "group")
 
+# NSS sources whose answers never leave the machine, whatever network namespace asks: local files
+# (files, db, altfiles) and local daemons reached over unix sockets bound to filesystem paths,
+# which a network namespace does not change (systemd: systemd-userdbd and the
+# /run/systemd/userdb sockets; mymachines: systemd-machined over D-Bus). Everything else may ask
+# the network: sss (sssd, then LDAP/AD), ldap, nis/nisplus, winbind, hesiod (DNS), and compat,
+# whose "+"/"-" entries are NIS lookups. Unknown sources count as network ones.
+_LOCAL_SOURCES = frozenset({"files", "db", "altfiles", "systemd", "mymachines"})
+
 
 def needs_local_lookups(text: str | None) -> bool:
-    """True when nsswitch.conf text lets passwd or group lookups leave the local files.
+    """True when nsswitch.conf text lets passwd or group lookups reach a source that may use the
+    network (see _LOCAL_SOURCES).
 
     ``None`` (no nsswitch.conf) means glibc's built-in defaults, which are files only.
     """
@@ -104,7 +113,7 @@ def needs_local_lookups(text: str | None) -> bool:
         for source in sources.split():
             if source.startswith("["):  # an action such as [NOTFOUND=return]
                 continue
-            if source != "files":
+            if source not in _LOCAL_SOURCES:
                 return True
     return False
 
@@ -136,6 +145,46 @@ def check_netns(path: str | None) -> None:
         raise ApplyError(f"network namespace {path}: not a namespace file", 1, NETNS)
 
 
+_LEGACY_TABLE_NAMES = {Family.V4: "ip_tables_names", Family.V6: "ip6_tables_names"}
+
+
+def legacy_table_presence(proc_net: str = "/proc/thread-self/net") -> dict[Family, bool]:
+    """Per family, whether the calling thread's network namespace has any legacy table.
+
+    The kernel lists a namespace's legacy tables in ``ip_tables_names`` / ``ip6_tables_names``;
+    a table appears there when something first uses it, and iptables-legacy-save shows only the
+    tables listed. A missing file means the family's legacy module is not loaded, so no namespace
+    has such a table. Families it cannot tell about are left out.
+    """
+    if not os.path.isdir(proc_net):
+        return {}
+    out: dict[Family, bool] = {}
+    for family, name in _LEGACY_TABLE_NAMES.items():
+        try:
+            with open(os.path.join(proc_net, name), encoding="ascii", errors="replace") as f:
+                out[family] = bool(f.read().split())
+        except FileNotFoundError:
+            out[family] = False
+        except OSError:
+            continue
+    return out
+
+
+def table_presence() -> dict[tuple[Family, str], bool]:
+    """Per family and backend (legacy, nft), whether the calling thread's network namespace has
+    any table at all; where there is none, the save command would print nothing. Pairs it cannot
+    tell about are left out."""
+    from . import netlink
+
+    out = {(family, backends.LEGACY): there for family, there in legacy_table_presence().items()}
+    for family, proto in ((Family.V4, netlink.NFPROTO_IPV4), (Family.V6, netlink.NFPROTO_IPV6)):
+        try:
+            out[(family, backends.NFT)] = netlink.nft_table_count(proto) > 0
+        except netlink.NetlinkError as e:
+            log.debug("cannot list the nf_tables tables: %s", e)
+    return out
+
+
 class _Target:
     """Runs iptables binaries inside the target namespace, through the executor."""
 
@@ -146,6 +195,29 @@ class _Target:
         # A pod-scoped lock: the pod's namespace file is unique to it and is never deleted under us.
         self.lockfile = self.netns if opts.cni_mode and self.netns else None
         self.local_lookups = host_needs_local_lookups()
+        self._tables: dict[tuple[Family, str], bool] | None = None
+
+    def has_tables(self, family: Family, variant: str) -> bool | None:
+        """Whether the namespace has any table of ``family`` in backend ``variant`` (legacy or
+        nft); None: cannot tell, ask the save command.
+
+        Read from the kernel directly (table_presence), so only when commands run for real: a
+        recorded run sees the answers its executor gives.
+        """
+        if not isinstance(self.executor, RealExecutor):
+            return None
+        if self._tables is None:
+            from .netlink import NetlinkError, in_netns
+
+            try:
+                self._tables = in_netns(self.netns, table_presence)
+            except NetlinkError as e:
+                log.debug("cannot look at the namespace's tables directly: %s", e)
+                self._tables = {}
+        return self._tables.get((family, variant))
+
+    def legacy_tables(self, family: Family) -> bool | None:
+        return self.has_tables(family, backends.LEGACY)
 
     def _run(self, argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> Completed:
         log.debug("running %s", " ".join(argv))
@@ -189,8 +261,6 @@ class _Target:
 
 # --- errors from iptables-restore -------------------------------------------------------------
 
-_LINE = re.compile(r"line:? (\d+)")
-
 
 def _restore_error(
     what: str, b: backends.Backend, res: Completed, doc: str, origins: Sequence[str | None] | None = None
@@ -200,9 +270,11 @@ def _restore_error(
     msg = err.strip() or res.stdout.strip() or f"exit status {res.returncode}"
     if "xtables lock" in msg:
         return ApplyError(f"{what}: {b.restore}: {msg}", 1, LOCK)
+    import re  # only on this error path
+
     lines = doc.splitlines()
     detail = ""
-    m = _LINE.search(msg)
+    m = re.search(r"line:? (\d+)", msg)
     if m and 0 < int(m.group(1)) <= len(lines):
         n = int(m.group(1))
         text = lines[n - 1]
@@ -248,7 +320,9 @@ def _open(
 ) -> _Family | None:
     """Choose the backend for ``family`` and read its state (None when optional and unreadable)."""
     try:
-        choice = backends.choose(family, forced, target.save, target.restore)
+        choice = backends.choose(
+            family, forced, target.save, target.restore, legacy_tables=target.legacy_tables
+        )
     except ValueError as e:
         raise ApplyError(str(e), 1, OPTIONS) from e
     except backends.BackendError as e:
@@ -257,6 +331,9 @@ def _open(
             return None
         raise ApplyError(str(e), 1, BINARY_MISSING) from e
     text = choice.saved
+    if text is None and target.has_tables(family, choice.backend.variant) is False:
+        log.debug("%s: no %s tables in the namespace", _fam(family), choice.backend.name)
+        text = ""  # what the save command prints there
     if text is None:
         res = target.save(choice.backend)
         if not res.ok:
@@ -425,13 +502,13 @@ def apply(
     _commit(target, families, "applying")
 
     if rs.routes or rs.loopback_addresses:
-        from . import routes  # deferred: pulls in pyroute2
+        from . import routes  # deferred: pyroute2 is imported there only for policy routes
 
         try:
             routes.apply_routes(rs.routes, rs.loopback_addresses, opts.network_namespace)
         except routes.RoutesError as e:
             _put_back(target, families)
-            raise ApplyError(f"TPROXY policy routing: {e}", 1, ROUTES) from e
+            raise ApplyError(f"{_routing_what(rs)}: {e}", 1, ROUTES) from e
     log.info("iptables rules are in place")
 
 
@@ -478,6 +555,8 @@ def cleanup(
             log.info("%s: no iptables binaries, nothing to clean", _fam(family))
             continue
         for b in found:
+            if target.has_tables(family, b.variant) is False:
+                continue  # nothing of ours (or anyone's) to remove there
             res = target.save(b)
             if not res.ok:
                 if family is Family.V6 and opts.force_iptables_binary is None:
@@ -502,8 +581,12 @@ def cleanup(
             ):
                 log.info("removed %s", item)
         except routes.RoutesError as e:
-            raise ApplyError(f"TPROXY policy routing: {e}", 1, ROUTES) from e
+            raise ApplyError(f"{_routing_what(ruleset)}: {e}", 1, ROUTES) from e
     log.info("cleanup done")
+
+
+def _routing_what(rs: Ruleset) -> str:
+    return "TPROXY policy routing" if rs.routes else "loopback addresses"
 
 
 def _removal(target: _Target, fam: _Family) -> None:

@@ -8,16 +8,40 @@ so the choice and its reason are always logged.
 
 from __future__ import annotations
 
-import logging
-import shutil
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .executor import Completed
+from .lazylog import get_logger
 from .ruleset import Family
 from .state import holds_rules, parse_save
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
+
+
+def path_which(name: str) -> str | None:
+    """The first executable ``name`` on PATH, as ``shutil.which`` finds it on Linux (shutil itself
+    loads the compression modules at import; this runs on every pod start)."""
+    if os.sep in name:
+        return name if _executable(name) else None
+    path = os.environ.get("PATH", os.defpath)
+    if not path:
+        return None
+    seen: set[str] = set()
+    for directory in path.split(os.pathsep):
+        if directory in seen:
+            continue
+        seen.add(directory)
+        candidate = os.path.join(directory, name)
+        if _executable(candidate):
+            return candidate
+    return None
+
+
+def _executable(path: str) -> bool:
+    return os.path.exists(path) and os.access(path, os.X_OK) and not os.path.isdir(path)
+
 
 LEGACY = "legacy"
 NFT = "nft"
@@ -79,7 +103,7 @@ def binary_names(family: Family, variant: str) -> tuple[str, str]:
 
 def find(family: Family, variant: str, which: Callable[[str], str | None] | None = None) -> Backend | None:
     """The backend if both its binaries are on PATH, else None."""
-    which = which or shutil.which
+    which = which or path_which
     restore, save = binary_names(family, variant)
     restore_path, save_path = which(restore), which(save)
     if restore_path is None or save_path is None:
@@ -88,7 +112,7 @@ def find(family: Family, variant: str, which: Callable[[str], str | None] | None
 
 
 def require(family: Family, variant: str, which: Callable[[str], str | None] | None = None) -> Backend:
-    which = which or shutil.which
+    which = which or path_which
     found = find(family, variant, which)
     if found is None:
         restore, save = binary_names(family, variant)
@@ -112,13 +136,19 @@ def choose(
     save: Callable[[Backend], Completed],
     restore: Callable[[Backend, str], Completed],
     which: Callable[[str], str | None] | None = None,
+    legacy_tables: Callable[[Family], bool | None] | None = None,
 ) -> Choice:
-    """Pick the backend for ``family``; ``save``/``restore`` run a binary inside the target namespace."""
+    """Pick the backend for ``family``; ``save``/``restore`` run a binary inside the target namespace.
+
+    ``legacy_tables(family)``, when given, says whether the namespace has any legacy table of that
+    family at all (None: cannot tell); without one, legacy tables cannot hold rules, so detection
+    need not run iptables-legacy-save to know it.
+    """
     if forced is not None:
         variant = forced_variant(forced)
         choice = Choice(require(family, variant, which), "forced by --force-iptables-binary")
     else:
-        choice = _detect(family, save, restore, which)
+        choice = _detect(family, save, restore, which, legacy_tables)
     log.info("%s: using %s (%s)", _fam(family), choice.backend.name, choice.reason)
     return choice
 
@@ -128,10 +158,13 @@ def _detect(
     save: Callable[[Backend], Completed],
     restore: Callable[[Backend, str], Completed],
     which: Callable[[str], str | None] | None,
+    legacy_tables: Callable[[Family], bool | None] | None = None,
 ) -> Choice:
     legacy = find(family, LEGACY, which)
     why_not = "no iptables-legacy binaries"
-    if legacy is not None:
+    if legacy is not None and legacy_tables is not None and legacy_tables(family) is False:
+        why_not = "no legacy tables in the namespace"
+    elif legacy is not None:
         dump = save(legacy)
         if not dump.ok:
             why_not = f"{legacy.save} failed: {dump.stderr.strip()}"

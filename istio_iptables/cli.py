@@ -3,23 +3,26 @@
 Arguments are read the way Istio's Go flag parser (pflag) reads them: ``--flag value``,
 ``--flag=value``, ``-p 15001``, ``-p15001``, ``-p=15001``, and booleans as ``--flag`` or
 ``--flag=true|false`` (``-n=false``). Bad input exits 1 with one line on stderr, as Istio does.
+
+click is imported only for ``--help`` and for usage errors: once normalize_argv has rewritten the
+arguments as ``--name=value``, reading them needs no parser, and the start-up of every pod's
+init container does not pay for one.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import click
+from typing import TYPE_CHECKING, Any
 
 from .config import ApplyOptions, Config, ConfigError
 from .environment import DetectionError, Machine
 from .options import BY_KEY, BY_SHORT, ENV_ONLY, FLAGS, Kind, LogSettings, OptionDef, load, log_settings
+
+if TYPE_CHECKING:
+    import click
 
 PROG_IPTABLES = "istio-iptables"
 PROG_CLEAN = "istio-clean-iptables"
@@ -47,15 +50,15 @@ def normalize_argv(args: Sequence[str]) -> tuple[list[str], list[str]]:
                 continue
             if name in _NEGATIONS:
                 if eq:
-                    raise click.UsageError(f"flag --{name} does not take a value")
+                    raise _usage_error(f"flag --{name} does not take a value")
                 out.append(f"--{_NEGATIONS[name].name}=false")
                 continue
             opt = BY_KEY.get(name)
             if opt is None or opt.name is None:
-                raise click.UsageError(f"unknown flag: --{name}")
+                raise _usage_error(f"unknown flag: --{name}")
             if not eq and opt.kind is not Kind.BOOL:
                 if i >= len(args):
-                    raise click.UsageError(f"flag needs an argument: --{name}")
+                    raise _usage_error(f"flag needs an argument: --{name}")
                 value, i = args[i], i + 1
             out.append(f"--{name}={value if eq or opt.kind is not Kind.BOOL else 'true'}")
         elif arg.startswith("-") and arg != "-":
@@ -63,6 +66,33 @@ def normalize_argv(args: Sequence[str]) -> tuple[list[str], list[str]]:
         else:
             positional.append(arg)
     return out, positional
+
+
+def _usage_error(message: str) -> click.UsageError:
+    import click
+
+    return click.UsageError(message)
+
+
+def _values_without_click(argv: Sequence[str]) -> tuple[dict[str, str], list[str]] | None:
+    """The flag values by long name and the positional arguments, read as click would read the
+    normalized arguments (every option a ``--name=value`` string, the last occurrence winning);
+    None when click must handle them: ``--help``, or a usage error."""
+    try:
+        normalized, positional = normalize_argv(argv)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.UsageError):
+            return None
+        raise
+    if "--help" in normalized:
+        return None
+    values: dict[str, str] = {}
+    for arg in normalized:
+        name, _, value = arg[2:].partition("=")
+        values[name] = value
+    return values, positional
 
 
 def _shorthands(arg: str, args: Sequence[str], i: int, out: list[str]) -> int:
@@ -77,7 +107,7 @@ def _shorthands(arg: str, args: Sequence[str], i: int, out: list[str]) -> int:
             continue
         opt = BY_SHORT.get(ch)
         if opt is None:
-            raise click.UsageError(f"unknown shorthand flag: {ch!r} in {arg}")
+            raise _usage_error(f"unknown shorthand flag: {ch!r} in {arg}")
         rest = arg[j + 1 :]
         if opt.kind is Kind.BOOL:
             if rest.startswith("="):
@@ -91,46 +121,59 @@ def _shorthands(arg: str, args: Sequence[str], i: int, out: list[str]) -> int:
         elif i < len(args):
             value, i = args[i], i + 1
         else:
-            raise click.UsageError(f"flag needs an argument: {ch!r} in {arg}")
+            raise _usage_error(f"flag needs an argument: {ch!r} in {arg}")
         out.append(f"--{opt.name}={value}")
         return i
     return i
 
 
-class _Option(click.Option):
-    """A click option for one OptionDef; every value reaches it as text (see normalize_argv)."""
+def _command(prog: str, summary: str) -> click.Command:
+    """The click command for ``prog``: used for --help and to report usage errors."""
+    import click
 
-    def __init__(self, odef: OptionDef) -> None:
-        assert odef.name is not None
-        decls = [f"--{odef.name}", odef.name.replace("-", "_")]
-        if odef.short:
-            decls.insert(0, f"-{odef.short}")
-        super().__init__(decls, type=str, default=None, metavar=odef.kind.metavar)
-        self.odef = odef
+    class _Option(click.Option):
+        """A click option for one OptionDef; every value reaches it as text (see normalize_argv)."""
 
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str]:
-        o = self.odef
-        names = ", ".join(([f"-{o.short}"] if o.short else []) + [f"--{o.name}"])
-        if o.kind is Kind.BOOL:
-            names += "[=true|false]"
-            if o.negation:
-                names += f" / --{o.negation}"
-        else:
-            names += f" {o.kind.metavar}"
-        extra = [f"default: {o.shown_default}"]
-        if o.env:
-            extra.insert(0, "env: " + ", ".join(o.env))
-        text = f"{o.help} [{'; '.join(extra)}]"
-        if o.apply_only:
-            text += " [acts only when rules are applied]"
-        return names, text
+        def __init__(self, odef: OptionDef) -> None:
+            assert odef.name is not None
+            decls = [f"--{odef.name}", odef.name.replace("-", "_")]
+            if odef.short:
+                decls.insert(0, f"-{odef.short}")
+            super().__init__(decls, type=str, default=None, metavar=odef.kind.metavar)
+            self.odef = odef
 
+        def get_help_record(self, ctx: click.Context) -> tuple[str, str]:
+            o = self.odef
+            names = ", ".join(([f"-{o.short}"] if o.short else []) + [f"--{o.name}"])
+            if o.kind is Kind.BOOL:
+                names += "[=true|false]"
+                if o.negation:
+                    names += f" / --{o.negation}"
+            else:
+                names += f" {o.kind.metavar}"
+            extra = [f"default: {o.shown_default}"]
+            if o.env:
+                extra.insert(0, "env: " + ", ".join(o.env))
+            text = f"{o.help} [{'; '.join(extra)}]"
+            if o.apply_only:
+                text += " [acts only when rules are applied]"
+            return names, text
 
-class _PflagCommand(click.Command):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        normalized, positional = normalize_argv(args)
-        ctx.meta["positional"] = positional
-        return super().parse_args(ctx, normalized)
+    class _PflagCommand(click.Command):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            normalized, positional = normalize_argv(args)
+            ctx.meta["positional"] = positional
+            return super().parse_args(ctx, normalized)
+
+    return _PflagCommand(
+        name=prog,
+        params=[_Option(o) for o in FLAGS],
+        callback=lambda **kwargs: kwargs,
+        help=summary,
+        epilog=_epilog(),
+        context_settings={"help_option_names": ["--help"], "max_content_width": 110},
+        add_help_option=True,
+    )
 
 
 def _epilog() -> str:
@@ -144,18 +187,6 @@ def _epilog() -> str:
         "Command-line values win over environment variables.",
     ]
     return "\n".join(lines)
-
-
-def _command(prog: str, summary: str) -> click.Command:
-    return _PflagCommand(
-        name=prog,
-        params=[_Option(o) for o in FLAGS],
-        callback=lambda **kwargs: kwargs,
-        help=summary,
-        epilog=_epilog(),
-        context_settings={"help_option_names": ["--help"], "max_content_width": 110},
-        add_help_option=True,
-    )
 
 
 _SUMMARIES = {
@@ -174,13 +205,29 @@ class _Formatter(logging.Formatter):
         self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        when = ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        when = _rfc3339(record.created)
         level = self._LEVELS.get(record.levelname, record.levelname.lower())
         msg = record.getMessage()
         if self.as_json:
+            import json
+
             return json.dumps({"level": level, "time": when, "msg": msg})
         return f"{when}\t{level}\t{msg}"
+
+
+def _rfc3339(created: float) -> str:
+    """``created`` as UTC with microseconds, rounded as ``datetime.fromtimestamp`` rounds them
+    (datetime itself is not needed for that)."""
+    import math
+    import time
+
+    frac, whole = math.modf(created)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
 
 
 class _StderrHandler(logging.Handler):
@@ -239,18 +286,14 @@ def parse(
     """Parse the command line and environment: the configuration, or an exit status (0 after
     --help, 1 after printing the one-line error)."""
     env = os.environ if env is None else env
-    cmd = _command(prog, _SUMMARIES.get(prog, ""))
-    try:
-        with cmd.make_context(prog, list(argv)) as ctx:
-            kwargs: dict[str, Any] = cmd.invoke(ctx)
-            positional: list[str] = ctx.meta.get("positional", [])
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        _error(e.format_message())
-        return 1
-    values = {o.name: kwargs[o.name.replace("-", "_")] for o in FLAGS if o.name is not None}
-    values = {k: v for k, v in values.items() if v is not None}
+    read = _values_without_click(argv)
+    if read is not None:
+        values, positional = read
+    else:
+        parsed = _parse_with_click(prog, argv)
+        if isinstance(parsed, int):
+            return parsed
+        values, positional = parsed
     try:
         _configure_logging(log_settings(values, env))
         cfg, opts = load(values, env, machine)
@@ -262,6 +305,24 @@ def parse(
         _log.warning("ignoring positional argument %r", arg)
     _log.info("Istio iptables variables: %s", _describe(cfg, opts))
     return cfg, opts
+
+
+def _parse_with_click(prog: str, argv: Sequence[str]) -> tuple[dict[str, str], list[str]] | int:
+    """What _values_without_click returns, through click: prints --help (0) or the error (1)."""
+    import click
+
+    cmd = _command(prog, _SUMMARIES.get(prog, ""))
+    try:
+        with cmd.make_context(prog, list(argv)) as ctx:
+            kwargs: dict[str, Any] = cmd.invoke(ctx)
+            positional: list[str] = ctx.meta.get("positional", [])
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        _error(e.format_message())
+        return 1
+    values = {o.name: kwargs[o.name.replace("-", "_")] for o in FLAGS if o.name is not None}
+    return {k: v for k, v in values.items() if v is not None}, positional
 
 
 def run(

@@ -118,8 +118,9 @@ class ApplyOptions:
 # ConfigError can name it. Lists follow Istio's split: comma-separated, empty items (and here
 # also surrounding spaces) ignored, so "6000,7000," and "6000, 7000" both mean 6000 and 7000.
 
-import logging  # noqa: E402  (this section's own imports; the top belongs to the dataclasses)
-import re  # noqa: E402
+import re  # noqa: E402  (this section's own imports; the top belongs to the dataclasses)
+
+from .lazylog import get_logger  # noqa: E402
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -153,7 +154,7 @@ _DURATION_UNITS = {
 }
 _DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
 
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 def split_list(s: str) -> list[str]:

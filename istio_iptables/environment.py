@@ -6,7 +6,6 @@ resolv.conf). ``Machine`` is the seam; tests pass their own.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +77,8 @@ class RealMachine:
 def addresses_from_ip_json(text: str) -> list[IPAddress]:
     """Addresses from ``ip -j addr show`` output, IPv4 first then IPv6 (the order of a netlink
     address dump, which is what Go's net.InterfaceAddrs returns)."""
+    import json  # only when the addresses are detected
+
     try:
         links = json.loads(text or "[]")
     except json.JSONDecodeError as e:

@@ -7,7 +7,6 @@ util-linux ``nsenter --net=PATH --`` so only the child changes namespace.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -60,6 +59,8 @@ class RealExecutor:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Completed:
+        import subprocess  # deferred: a --dry-run usually runs no command
+
         full_env = None
         if env:
             full_env = dict(os.environ)

@@ -1,16 +1,16 @@
-"""TPROXY policy routing and loopback addresses, set through netlink (pyroute2) in the target namespace.
+"""TPROXY policy routing and loopback addresses, set through netlink in the target namespace.
 
 Per PolicyRoute: ``ip rule add fwmark MARK lookup TABLE`` and ``ip route add local default dev lo
-table TABLE``; plus the Ruleset's loopback addresses (``::6/128`` when IPv6 is enabled). Adding is
-idempotent (what exists is left alone) and returns what it added, so a failed apply can take back
-exactly that. pyroute2 is imported only here, and this module only when a Ruleset needs it.
+table TABLE``, through pyroute2; plus the Ruleset's loopback addresses (``::6/128`` when IPv6 is
+enabled), through one standard-library netlink request each (netlink.py), so that only TPROXY pods
+load pyroute2. Adding is idempotent (what exists is left alone) and returns what it added, so a
+failed apply can take back exactly that. pyroute2 is imported only here, and only for routes.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -18,9 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from . import netlink
+from .lazylog import get_logger
 from .ruleset import Family, PolicyRoute
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -91,14 +93,6 @@ def _default_pref(ipr: Any, family: Family) -> int:
     return prefs[1] - 1 if len(prefs) > 1 and prefs[1] > 0 else 0
 
 
-def _addresses(ipr: Any, lo: int, iface: Interface) -> bool:
-    fam = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
-    for m in ipr.get_addr(family=fam, index=lo):
-        if m.get_attr("IFA_ADDRESS") == str(iface.ip) and m.get("prefixlen") == iface.network.prefixlen:
-            return True
-    return False
-
-
 def _netlink_errno(e: Exception) -> int | None:
     code = getattr(e, "code", None)
     return code if isinstance(code, int) else None
@@ -110,56 +104,66 @@ def apply_routes(
     """Add what is missing; returns what was added (for ``undo``). Raises RoutesError."""
     added: list[Added] = []
     try:
-        with _ipr(netns) as ipr:
-            lo = _lo(ipr)
-            for iface in addresses:
-                if not _addresses(ipr, lo, iface):
-                    ipr.addr("add", index=lo, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-                    added.append(Added("address", address=iface))
-                    log.info("added %s on lo", iface)
-            for r in routes:
-                if not _rules(ipr, r):
-                    pref = _default_pref(ipr, r.family)
-                    ipr.rule("add", family=_AF[r.family], fwmark=r.mark, table=r.table, priority=pref)
-                    added.append(Added("rule", route=r))
-                    log.info("added ip rule (IPv%d) fwmark %d lookup %d", r.family.value, r.mark, r.table)
-                if not _local_default(ipr, r, lo):
-                    ipr.route(
-                        "add", family=_AF[r.family], dst=_DEFAULT[r.family], table=r.table,
-                        type="local", scope="host", proto="boot", oif=lo,
-                    )  # fmt: skip
-                    added.append(Added("route", route=r))
-                    log.info("added local default route dev lo table %d (IPv%d)", r.table, r.family.value)
+        for iface in addresses:
+            if netlink.add_address(iface, "lo", netns):
+                added.append(Added("address", address=iface))
+                log.info("added %s on lo", iface)
+        if routes:
+            _add_routes(routes, netns, added)
     except RoutesError:
         undo(added, netns)
         raise
+    except netlink.NetlinkError as e:
+        undo(added, netns)
+        raise RoutesError(str(e)) from e
     except Exception as e:  # netlink errors carry errno codes; report them uniformly
         undo(added, netns)
         raise RoutesError(f"policy routing: {e}") from e
     return added
 
 
+def _add_routes(routes: Sequence[PolicyRoute], netns: str | None, added: list[Added]) -> None:
+    with _ipr(netns) as ipr:
+        lo = _lo(ipr)
+        for r in routes:
+            if not _rules(ipr, r):
+                pref = _default_pref(ipr, r.family)
+                ipr.rule("add", family=_AF[r.family], fwmark=r.mark, table=r.table, priority=pref)
+                added.append(Added("rule", route=r))
+                log.info("added ip rule (IPv%d) fwmark %d lookup %d", r.family.value, r.mark, r.table)
+            if not _local_default(ipr, r, lo):
+                ipr.route(
+                    "add", family=_AF[r.family], dst=_DEFAULT[r.family], table=r.table,
+                    type="local", scope="host", proto="boot", oif=lo,
+                )  # fmt: skip
+                added.append(Added("route", route=r))
+                log.info("added local default route dev lo table %d (IPv%d)", r.table, r.family.value)
+
+
 def undo(added: Sequence[Added], netns: str | None) -> None:
     """Take back what apply_routes added (best effort: this runs on a failure path)."""
-    if not added:
-        return
-    try:
-        with _ipr(netns) as ipr:
-            lo = _lo(ipr)
-            for item in reversed(added):
-                try:
-                    _remove_one(ipr, lo, item)
-                except Exception as e:
-                    log.warning("could not take back %s: %s", item, e)
-    except Exception as e:
-        log.warning("could not take back policy routing: %s", e)
+    routing = [item for item in added if item.kind != "address"]
+    if routing:
+        try:
+            with _ipr(netns) as ipr:
+                lo = _lo(ipr)
+                for item in reversed(routing):
+                    try:
+                        _remove_route(ipr, lo, item)
+                    except Exception as e:
+                        log.warning("could not take back %s: %s", item, e)
+        except Exception as e:
+            log.warning("could not take back policy routing: %s", e)
+    for item in reversed(added):
+        if item.kind == "address" and item.address is not None:
+            try:
+                netlink.delete_address(item.address, "lo", netns)
+            except Exception as e:
+                log.warning("could not take back %s: %s", item, e)
 
 
-def _remove_one(ipr: Any, lo: int, item: Added) -> None:
-    if item.kind == "address" and item.address is not None:
-        a = item.address
-        ipr.addr("del", index=lo, address=str(a.ip), prefixlen=a.network.prefixlen)
-    elif item.kind == "rule" and item.route is not None:
+def _remove_route(ipr: Any, lo: int, item: Added) -> None:
+    if item.kind == "rule" and item.route is not None:
         for msg in _rules(ipr, item.route):
             ipr.rule("del", **_rule_key(msg, item.route))
     elif item.kind == "route" and item.route is not None:
@@ -183,21 +187,23 @@ def remove_routes(
     """Remove the rules, routes and addresses if present; returns what was removed. Raises RoutesError."""
     removed: list[str] = []
     try:
-        with _ipr(netns) as ipr:
-            lo = _lo(ipr)
-            for r in routes:
-                for msg in _rules(ipr, r):
-                    ipr.rule("del", **_rule_key(msg, r))
-                    removed.append(f"ip rule fwmark {r.mark} lookup {r.table} (IPv{r.family.value})")
-                for _ in _local_default(ipr, r, lo):
-                    _remove_one(ipr, lo, Added("route", route=r))
-                    removed.append(f"local default route table {r.table} (IPv{r.family.value})")
-            for iface in addresses:
-                if _addresses(ipr, lo, iface):
-                    _remove_one(ipr, lo, Added("address", address=iface))
-                    removed.append(f"{iface} on lo")
+        if routes:
+            with _ipr(netns) as ipr:
+                lo = _lo(ipr)
+                for r in routes:
+                    for msg in _rules(ipr, r):
+                        ipr.rule("del", **_rule_key(msg, r))
+                        removed.append(f"ip rule fwmark {r.mark} lookup {r.table} (IPv{r.family.value})")
+                    for _ in _local_default(ipr, r, lo):
+                        _remove_route(ipr, lo, Added("route", route=r))
+                        removed.append(f"local default route table {r.table} (IPv{r.family.value})")
+        for iface in addresses:
+            if netlink.delete_address(iface, "lo", netns):
+                removed.append(f"{iface} on lo")
     except RoutesError:
         raise
+    except netlink.NetlinkError as e:
+        raise RoutesError(str(e)) from e
     except Exception as e:
         if _netlink_errno(e) == errno.ENOENT:
             return removed

@@ -7,6 +7,7 @@ iptables-restore into a fresh namespace and read back with iptables-save.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,6 +167,101 @@ def test_detection_follows_the_rules_already_in_the_namespace(
     state = everything(ns)
     apply(rs, opts(ns, None))
     assert everything(ns) == state
+
+
+@pytest.mark.parametrize("seed", ["empty-legacy-tables", "legacy-ipv6-only"])
+def test_detection_with_legacy_tables_present_per_family(netns: NewNS, seed: str) -> None:
+    # Legacy tables that exist but hold nothing, or hold rules for one family only: detection
+    # looks at each family's own tables (the kernel lists them per namespace and family).
+    ns = netns("pod")
+    if seed == "empty-legacy-tables":
+        for cmd in ("iptables-legacy", "ip6tables-legacy"):
+            ns.run([cmd, "-t", "nat", "-L", "-n"])  # creates the empty nat table
+        want = {Family.V4: "nft", Family.V6: "nft"}
+    else:
+        ns.run(["ip6tables-legacy", "-t", "filter", "-A", "INPUT", "-s", "2001:db8::1", "-j", "ACCEPT"])
+        want = {Family.V4: "nft", Family.V6: "legacy"}
+    names = ns.run(["cat", "/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"]).stdout
+    assert "nat" in names or "filter" in names, "the seed must create legacy tables"
+    apply(plan(CLASSIC), opts(ns, None))
+    for family, chosen in want.items():
+        unused = "nft" if chosen == "legacy" else "legacy"
+        assert not st.find_ours(st.parse_save(saved(ns, family, chosen))).empty, family
+        assert st.find_ours(st.parse_save(saved(ns, family, unused))).empty, family
+
+
+class _Counting(RealExecutor):
+    """Runs commands for real and keeps their argv."""
+
+    def __init__(self) -> None:
+        self.argvs: list[tuple[str, ...]] = []
+
+    def run(self, argv: Sequence[str], **kw: Any) -> Completed:
+        self.argvs.append(tuple(argv))
+        return super().run(argv, **kw)
+
+
+@pytest.mark.parametrize("variant", [None, "iptables-nft", "iptables-legacy"])
+def test_a_fresh_namespace_costs_one_restore_per_family(netns: NewNS, variant: str | None) -> None:
+    # Neither detection nor the state check runs iptables-save where the kernel shows no table
+    # for it to print; a second run, with our rules there, reads them.
+    ns = netns("pod")
+    ex = _Counting()
+    apply(plan(CLASSIC), opts(ns, variant), ex)
+    programs = [os.path.basename(a[3]) for a in ex.argvs]
+    chosen = "legacy" if variant == "iptables-legacy" else "nft"
+    assert programs == [f"iptables-{chosen}-restore", f"ip6tables-{chosen}-restore"], ex.argvs
+    ex2 = _Counting()
+    apply(plan(CLASSIC), opts(ns, variant), ex2)
+    saves = {os.path.basename(a[3]) for a in ex2.argvs if a[3].endswith("-save")}
+    assert {f"iptables-{chosen}-save", f"ip6tables-{chosen}-save"} <= saves
+    for fr in plan(CLASSIC).families:
+        assert ours(ns, fr.family, chosen, fr, netns) == expected(netns, fr, chosen).view()
+
+
+def test_cleanup_reads_only_backends_that_have_tables(netns: NewNS) -> None:
+    ns = netns("pod")
+    ex = _Counting()
+    cleanup(opts(ns, None), ex)
+    assert ex.argvs == []  # an empty namespace: nothing to read, nothing to remove
+    apply(plan(CLASSIC), opts(ns, None))
+    ex = _Counting()
+    cleanup(opts(ns, None), ex, ruleset=plan(CLASSIC))
+    programs = {os.path.basename(a[3]) for a in ex.argvs}
+    assert {"iptables-nft-save", "ip6tables-nft-save", "iptables-nft-restore"} <= programs, ex.argvs
+    assert not any("legacy" in p for p in programs), ex.argvs  # no legacy table was ever made
+    assert all(st.find_ours(st.parse_save(saved(ns, f, v))).empty for f in Family for v in BACKENDS)
+
+
+_LEAN_APPLY = """
+import json, sys
+from istio_iptables.apply import apply
+from istio_iptables.config import ApplyOptions, CidrSpec, Config, InterceptionMode, PortSpec
+from istio_iptables.planner import plan
+cfg = Config(
+    inbound_ports=PortSpec(wildcard=True),
+    outbound_ip_ranges_include=CidrSpec(wildcard=True),
+    enable_ipv6=True,
+    interception_mode=InterceptionMode[sys.argv[2]],
+)
+apply(plan(cfg), ApplyOptions(network_namespace=sys.argv[1], cni_mode=True))
+print(json.dumps(sorted(m for m in ("pyroute2", "click", "asyncio", "logging") if m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_ipv6_loopback_address_without_the_netlink_library(netns: NewNS, mode: str) -> None:
+    # ::6 on lo is one standard-library netlink request; pyroute2 is loaded for TPROXY routes only.
+    ns = netns("pod")
+    p = subprocess.run(
+        [sys.executable, "-c", _LEAN_APPLY, ns.path, mode], capture_output=True, text=True, check=True
+    )
+    assert "inet6 ::6/128" in ns.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+    loaded = json.loads(p.stdout)
+    if mode == "TPROXY":
+        assert "pyroute2" in loaded and "click" not in loaded, loaded
+    else:
+        assert loaded == [], loaded
 
 
 @pytest.mark.parametrize("variant", BACKENDS)

@@ -14,7 +14,7 @@ from istio_iptables import apply as ap
 from istio_iptables import backend as bk
 from istio_iptables import state as st
 from istio_iptables.config import ApplyOptions, CidrSpec, Config, PortSpec
-from istio_iptables.executor import Completed, RecordingExecutor
+from istio_iptables.executor import Completed, RealExecutor, RecordingExecutor
 from istio_iptables.planner import plan
 from istio_iptables.render import render_family
 from istio_iptables.ruleset import Family, FamilyRules, Rule, Ruleset
@@ -169,10 +169,21 @@ def test_drift_description() -> None:
         (None, False),
         ("passwd: files\ngroup: files\n", False),
         ("passwd: files [NOTFOUND=return]\ngroup:files\nhosts: files dns\n", False),
-        ("passwd: files systemd\ngroup: files systemd\n", True),
+        # Debian's and Ubuntu's default: systemd asks local daemons over path-bound unix sockets.
+        ("passwd:         files systemd\ngroup:          files systemd\nshadow: files systemd\n", False),
+        ("passwd: files systemd [SUCCESS=merge] db altfiles mymachines\ngroup: files\n", False),
         ("passwd: files\ngroup: files sss\n", True),
-        ("passwd: compat\n", True),
+        ("passwd: sss files systemd\ngroup: files\n", True),
+        ("passwd: files ldap\n", True),
+        ("group: files nis\n", True),
+        ("group: files winbind\n", True),
+        ("passwd: files nisplus\n", True),
+        ("passwd: files hesiod\n", True),
+        ("passwd: files something-new\n", True),
+        ("passwd: compat\n", True),  # "+" entries in /etc/passwd are NIS lookups
         ("# group: ldap\npasswd: files\n", False),
+        # Other databases do not matter for owner matches.
+        ("passwd: files\ngroup: files\nhosts: files dns\nnetgroup: nis\nautomount: ldap\n", False),
     ],
 )
 def test_local_lookups_needed_when_passwd_or_group_leave_files(text: str | None, needed: bool) -> None:
@@ -233,6 +244,86 @@ def test_detection_without_binaries() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("tables", "saves"),
+    [(False, []), (True, ["/usr/sbin/iptables-legacy-save"]), (None, ["/usr/sbin/iptables-legacy-save"])],
+)
+def test_detection_reads_legacy_tables_only_when_the_namespace_may_have_some(
+    tables: bool | None, saves: list[str]
+) -> None:
+    saved: list[str] = []
+
+    def save(b: bk.Backend) -> Completed:
+        saved.append(b.save)
+        return Completed((b.save,), 0, "")
+
+    def restore(b: bk.Backend, doc: str) -> Completed:
+        raise AssertionError("no probe without legacy rules")
+
+    asked: list[Family] = []
+
+    def legacy_tables(family: Family) -> bool | None:
+        asked.append(family)
+        return tables
+
+    choice = bk.choose(Family.V4, None, save, restore, _which(ALL), legacy_tables=legacy_tables)
+    assert choice.backend.name == "iptables-nft" and saved == saves and asked == [Family.V4]
+    if tables is False:
+        assert choice.reason == "no legacy tables in the namespace"
+    # A forced backend asks nothing.
+    bk.choose(Family.V4, "nft", save, restore, _which(ALL), legacy_tables=legacy_tables)
+    assert asked == [Family.V4]
+
+
+def test_legacy_table_presence_from_proc(tmp_path: Path) -> None:
+    net = tmp_path / "net"
+    assert ap.legacy_table_presence(str(net)) == {}  # no /proc: cannot tell
+    net.mkdir()
+    assert ap.legacy_table_presence(str(net)) == {Family.V4: False, Family.V6: False}  # modules not loaded
+    (net / "ip_tables_names").write_text("")
+    (net / "ip6_tables_names").write_text("nat\nfilter\n")
+    assert ap.legacy_table_presence(str(net)) == {Family.V4: False, Family.V6: True}
+
+
+def test_legacy_tables_are_read_from_the_kernel_only_with_a_real_executor() -> None:
+    recorded = ap._Target(RecordingExecutor(), ApplyOptions(), 1)
+    assert recorded.legacy_tables(Family.V4) is None
+    real = ap._Target(RealExecutor(), ApplyOptions(), 1)
+    here = ap.legacy_table_presence()
+    assert real.legacy_tables(Family.V4) == here.get(Family.V4)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "/usr/bin:/usr/bin:/bin",
+        "",
+        ":/bin",
+        "/nonexistent:/usr/bin",
+        None,
+    ],
+)
+def test_path_which_finds_what_shutil_which_finds(
+    path: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    (tmp_path / "plain").write_text("")  # not executable
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "sh").mkdir()  # a directory named like a program
+    tool = tmp_path / "tool"
+    tool.write_text("")
+    tool.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    if path is None:
+        monkeypatch.delenv("PATH", raising=False)
+    else:
+        monkeypatch.setenv("PATH", path.replace("/nonexistent", str(tmp_path / "adir")) + f":{tmp_path}")
+    for name in ("sh", "ls", "nsenter", "plain", "tool", "nope", "adir", str(tool), "./tool", "/bin/sh", "/bin"):
+        assert bk.path_which(name) == shutil.which(name), name
+
+
 # --- apply(): the commands it runs --------------------------------------------------------------
 
 
@@ -243,7 +334,7 @@ def no_nss_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fake_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bk.shutil, "which", _which(ALL))
+    monkeypatch.setattr(bk, "path_which", _which(ALL))
 
 
 def _netns_path() -> str:
@@ -311,7 +402,7 @@ def test_skip_rule_apply_runs_nothing() -> None:
 
 @pytest.mark.usefixtures("no_nss_sandbox")
 def test_missing_binary_fails_before_any_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bk.shutil, "which", _which(set()))
+    monkeypatch.setattr(bk, "path_which", _which(set()))
     ex = RecordingExecutor()
     with pytest.raises(ap.ApplyError) as e:
         ap.apply(plan(CLASSIC), ApplyOptions(force_iptables_binary="iptables-nft"), ex)
@@ -379,7 +470,7 @@ def test_hand_built_ruleset_renders_and_applies_through_the_same_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(ap, "host_needs_local_lookups", lambda path="": False)
-    monkeypatch.setattr(bk.shutil, "which", _which(ALL))
+    monkeypatch.setattr(bk, "path_which", _which(ALL))
     rules = (
         Rule("nat", "OUTPUT", (), "ISTIO_OUTPUT"),
         Rule("nat", "ISTIO_OUTPUT", ("-d", "10.0.0.0/8"), "RETURN"),
@@ -400,10 +491,58 @@ def test_apply_path_imports_neither_pyroute2_nor_click() -> None:
         "from istio_iptables.config import ApplyOptions, Config, PortSpec, CidrSpec\n"
         "from istio_iptables.executor import RecordingExecutor\n"
         "from istio_iptables.planner import plan\n"
-        "bk.shutil.which = lambda n: '/x/' + n\n"
+        "bk.path_which = lambda n: '/x/' + n\n"
         "cfg = Config(inbound_ports=PortSpec(wildcard=True), outbound_ip_ranges_include=CidrSpec(wildcard=True))\n"
         "ap.apply(plan(cfg), ApplyOptions(force_iptables_binary='nft'), RecordingExecutor())\n"
         "bad = [m for m in ('pyroute2', 'click') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(ap.__file__).parent.parent)
+
+
+# What the CNI plugin pays on every pod start for importing the applier: no CLI framework, no
+# netlink library, nothing that pulls in asyncio, email or unittest, and not even logging or
+# shutil (loaded only when a warning is printed / never).
+LEAN_IMPORT_FORBIDDEN = ("click", "pyroute2", "asyncio", "email", "unittest", "logging", "shutil")
+
+
+def test_importing_the_applier_stays_lean() -> None:
+    code = (
+        "import sys\n"
+        "import istio_iptables.apply, istio_iptables.planner, istio_iptables.config\n"
+        f"bad = [m for m in {LEAN_IMPORT_FORBIDDEN!r} if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=Path(ap.__file__).parent.parent)
+
+
+def test_quiet_loggers_do_not_load_logging_and_warnings_still_reach_stderr() -> None:
+    code = (
+        "import sys\n"
+        "from istio_iptables.lazylog import get_logger\n"
+        "log = get_logger('istio_iptables.x')\n"
+        "log.debug('hidden %s', 1)\n"
+        "log.info('hidden %s', 2)\n"
+        "assert 'logging' not in sys.modules\n"
+        "log.warning('shown %s', 3)\n"
+        "log.error('shown %s', 4)\n"
+        "import logging\n"
+        "logging.basicConfig(level=logging.DEBUG, format='%(levelname)s %(name)s %(funcName)s %(message)s')\n"
+        "def caller():\n"
+        "    log.info('now %s', 5)\n"
+        "    log.debug('now %s', 6)\n"
+        "caller()\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-I", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(ap.__file__).parent.parent,
+    )
+    assert p.stderr.splitlines() == [
+        "shown 3",
+        "shown 4",
+        "INFO istio_iptables.x caller now 5",
+        "DEBUG istio_iptables.x caller now 6",
+    ]

@@ -740,3 +740,52 @@ def test_random_valid_dry_runs_load_into_a_fresh_namespace(
 def test_config_type_is_what_the_planner_takes() -> None:
     cfg, _ = parsed(PINNED)
     assert isinstance(cfg, Config)
+
+
+# --- click only for --help and usage errors ------------------------------------------------------
+
+SAME_READING = [
+    ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"],
+    ["-p", "1", "--envoy-port=2", "-p3"],  # the last occurrence wins
+    ["--dry-run", "false", "--", "-p", "9"],  # positional arguments kept apart
+    ["-n=false", "--no-enable-ipv6", "--dns-servers=", "--istio-service-cidr=10.0.0.0/8,fd00::/8"],
+    ["--log_output_level=default:debug", "-k", "a=b", "--network-namespace=/var/run/netns/x=y"],
+    ["-nm", "TPROXY", "--istio-inbound-tproxy-mark", "1337", "-r", "133"],
+]
+
+
+@pytest.mark.parametrize("argv", SAME_READING)
+def test_values_are_read_without_click_as_click_reads_them(argv: list[str]) -> None:
+    fast = cli._values_without_click(argv)
+    assert fast is not None
+    assert fast == cli._parse_with_click(PROG_IPTABLES, argv)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-p", "1", "-h"], ["--bogus"], ["-p"], ["--no-enable-ipv6=1"]])
+def test_help_and_usage_errors_go_through_click(argv: list[str]) -> None:
+    assert cli._values_without_click(argv) is None
+
+
+@settings(max_examples=100)
+@given(option_set(invalid=False))
+def test_random_command_lines_read_the_same_without_click(
+    case: tuple[list[str], dict[str, str], str | None],
+) -> None:
+    argv, _, _ = case
+    assert cli._values_without_click(argv) == cli._parse_with_click(PROG_IPTABLES, argv)
+
+
+def test_applying_does_not_import_click() -> None:
+    code = (
+        "import sys\n"
+        "from istio_iptables import cli\n"
+        "argv = ['-p', '15001', '-z', '15006', '-u', '1337', '-m', 'REDIRECT', '-i', '*', '-b', '*',\n"
+        "        '--no-enable-ipv6', '--dns-servers=', '--skip-rule-apply']\n"
+        "assert cli.run(cli.PROG_IPTABLES, argv, env={}) == 0\n"
+        "assert 'click' not in sys.modules, 'click imported for a plain run'\n"
+        "assert cli.run(cli.PROG_IPTABLES, ['--bogus'], env={}) == 1\n"
+        "assert 'click' in sys.modules\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "Error: unknown flag: --bogus" in p.stderr

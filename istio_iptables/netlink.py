@@ -1,0 +1,278 @@
+"""Addresses on an interface of another network namespace, with one rtnetlink request each, and
+whether a namespace has any nf_tables table of a family.
+
+What ``ip -n NS addr add ::6/128 dev lo`` does, written with the standard library only, so the
+common case (IPv6 enabled, no TPROXY) does not load a netlink library: an ``AF_NETLINK`` /
+``NETLINK_ROUTE`` socket, ``RTM_NEWADDR`` (or ``RTM_DELADDR``) with ``IFA_LOCAL`` and
+``IFA_ADDRESS``, and the kernel's acknowledgement. And what ``nft list tables ip`` asks
+(``NFT_MSG_GETTABLE`` dump on a ``NETLINK_NETFILTER`` socket), so that the applier need not run
+iptables-nft-save in a namespace that has no table for it to print.
+
+The socket must belong to the target namespace. A socket stays bound to the namespace it was
+created in, and ``setns`` changes only the calling thread, so the request runs in a short-lived
+thread that enters the namespace, does its work and ends; the rest of the process never moves.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+# linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h, linux/sched.h
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_HOST = 254
+CLONE_NEWNET = 0x40000000
+# linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h, linux/netfilter.h
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
+NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
+
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
+_RTATTR = struct.Struct("=HH")  # length, type
+_ERRNO = struct.Struct("=i")
+_NFGENMSG = struct.Struct("=BBH")  # family, version, resource id
+
+# Seconds to wait for the kernel's answer (it answers at once; this only bounds a broken kernel).
+TIMEOUT = 10.0
+
+
+class NetlinkError(OSError):
+    """A request failed: ``errno`` is the kernel's (or the system call's) error number."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    size = _RTATTR.size + len(data)
+    return _RTATTR.pack(size, kind) + data + b"\0" * (_align(size) - size)
+
+
+def address_message(command: int, flags: int, seq: int, ifindex: int, iface: Interface) -> bytes:
+    """An RTM_NEWADDR / RTM_DELADDR request for ``iface`` on interface ``ifindex``.
+
+    The scope is what ``ip addr add`` picks: host for 127.0.0.0/8, universe otherwise (the
+    kernel sets the scope of IPv6 addresses itself).
+    """
+    family = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
+    scope = RT_SCOPE_HOST if iface.version == 4 and iface.ip.is_loopback else RT_SCOPE_UNIVERSE
+    packed = iface.ip.packed
+    body = _IFADDRMSG.pack(family, iface.network.prefixlen, 0, scope, ifindex)
+    body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), command, flags | NLM_F_REQUEST, seq, 0) + body
+
+
+def parse_ack(data: bytes, seq: int) -> int | None:
+    """The error number of the acknowledgement of request ``seq`` in ``data`` (0: success), or
+    None when ``data`` does not hold it. Raises NetlinkError for a truncated message."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            raise NetlinkError(errno.EBADMSG, "truncated netlink message")
+        if kind == NLMSG_ERROR and msg_seq == seq:
+            if length < _NLMSGHDR.size + _ERRNO.size:
+                raise NetlinkError(errno.EBADMSG, "truncated netlink error message")
+            (err,) = _ERRNO.unpack_from(data, offset + _NLMSGHDR.size)
+            return -err
+        offset += _align(length)
+    return None
+
+
+def request(message: bytes, seq: int) -> int:
+    """Send one request on a new NETLINK_ROUTE socket of the calling thread's namespace and wait
+    for its acknowledgement; returns the kernel's error number (0: done)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
+        s.settimeout(TIMEOUT)
+        s.bind((0, 0))
+        s.sendto(message, (0, 0))
+        while True:
+            try:
+                data = s.recv(65536)
+            except TimeoutError:
+                raise NetlinkError(errno.ETIMEDOUT, "no answer from the kernel") from None
+            err = parse_ack(data, seq)
+            if err is not None:
+                return err
+
+
+def tables_message(nfproto: int, seq: int) -> bytes:
+    """A dump request for the nf_tables tables of one family (``nft list tables``)."""
+    body = _NFGENMSG.pack(nfproto, 0, 0)
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def parse_dump(data: bytes, seq: int, kind: int) -> tuple[int, bool]:
+    """How many messages of ``kind`` answer dump ``seq`` in ``data``, and whether the dump ended
+    there. Raises NetlinkError for an error answer or a truncated message."""
+    count = 0
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, msg_kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            raise NetlinkError(errno.EBADMSG, "truncated netlink message")
+        if msg_seq == seq:
+            if msg_kind == NLMSG_DONE:
+                return count, True
+            if msg_kind == NLMSG_ERROR:
+                if length < _NLMSGHDR.size + _ERRNO.size:
+                    raise NetlinkError(errno.EBADMSG, "truncated netlink error message")
+                (err,) = _ERRNO.unpack_from(data, offset + _NLMSGHDR.size)
+                if err:
+                    raise NetlinkError(-err, f"netlink dump: {os.strerror(-err)}")
+                return count, True
+            if msg_kind == kind:
+                count += 1
+        offset += _align(length)
+    return count, False
+
+
+def nft_table_count(nfproto: int) -> int:
+    """How many nf_tables tables of family ``nfproto`` the calling thread's namespace has.
+
+    Raises NetlinkError (also when the kernel has no nf_tables)."""
+    seq = _next_seq()
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    except OSError as e:
+        raise NetlinkError(e.errno, f"netfilter netlink socket: {e.strerror}") from None
+    with s:
+        s.settimeout(TIMEOUT)
+        s.bind((0, 0))
+        s.sendto(tables_message(nfproto, seq), (0, 0))
+        total = 0
+        while True:
+            try:
+                data = s.recv(65536)
+            except TimeoutError:
+                raise NetlinkError(errno.ETIMEDOUT, "no answer from the kernel") from None
+            count, done = parse_dump(data, seq, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE)
+            total += count
+            if done:
+                return total
+
+
+def _setns(fd: int) -> None:
+    setns = getattr(os, "setns", None)  # Python 3.12+
+    if setns is not None:
+        setns(fd, CLONE_NEWNET)
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """``fn()`` run by a thread inside the network namespace ``netns`` (here when None).
+
+    Raises NetlinkError when the namespace cannot be entered; ``fn``'s exceptions pass through.
+    """
+    if netns is None:
+        return fn()
+    import threading
+
+    try:
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NetlinkError(e.errno, f"cannot open network namespace {netns}: {e.strerror}") from None
+    outcome: list[tuple[bool, object]] = []
+
+    def enter_and_run() -> None:
+        try:
+            _setns(fd)
+        except OSError as e:
+            why = f"cannot enter network namespace {netns}: {e.strerror}"
+            outcome.append((False, NetlinkError(e.errno, why)))
+            return
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # handed to the caller's thread
+            outcome.append((False, e))
+
+    try:
+        thread = threading.Thread(target=enter_and_run, name="netns", daemon=True)
+        thread.start()
+        thread.join()
+    finally:
+        os.close(fd)
+    ok, value = outcome[0]
+    if not ok:
+        assert isinstance(value, BaseException)
+        raise value
+    return value  # type: ignore[return-value]
+
+
+_seq = 0
+
+
+def _next_seq() -> int:
+    global _seq
+    _seq = _seq % 0xFFFFFFFF + 1
+    return _seq
+
+
+def _change(command: int, flags: int, iface: Interface, ifname: str, netns: str | None) -> int:
+    def run() -> int:
+        try:
+            index = socket.if_nametoindex(ifname)
+        except OSError:
+            raise NetlinkError(errno.ENODEV, f"no interface {ifname!r} in the network namespace") from None
+        seq = _next_seq()
+        return request(address_message(command, flags, seq, index, iface), seq)
+
+    return in_netns(netns, run)
+
+
+def add_address(iface: Interface, ifname: str = "lo", netns: str | None = None) -> bool:
+    """Add ``iface`` on ``ifname``: True when added, False when it was there already.
+
+    Raises NetlinkError."""
+    err = _change(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK, iface, ifname, netns)
+    if err == errno.EEXIST:
+        return False
+    if err:
+        raise NetlinkError(err, f"adding {iface} on {ifname}: {os.strerror(err)}")
+    return True
+
+
+def delete_address(iface: Interface, ifname: str = "lo", netns: str | None = None) -> bool:
+    """Remove ``iface`` from ``ifname``: True when removed, False when it was not there.
+
+    Raises NetlinkError."""
+    err = _change(RTM_DELADDR, NLM_F_ACK, iface, ifname, netns)
+    if err == errno.EADDRNOTAVAIL:
+        return False
+    if err:
+        raise NetlinkError(err, f"removing {iface} from {ifname}: {os.strerror(err)}")
+    return True
