@@ -205,7 +205,7 @@ class Bench:
         conf = fixtures.cni_config(self.kubeconfig, path, log_level=log_level)
         env = fixtures.cni_env(command, path, pod, cid, self.cni_path)
         argv = exe or [str(self.venv_bin / "istio-cni")]
-        return proc.run(argv, stdin=json.dumps(conf).encode(), env=env, timeout=TIMEOUT)
+        return self._run(argv, stdin=json.dumps(conf).encode(), env=env)
 
     @staticmethod
     def _cni_result_ok(r: proc.Result) -> str:

@@ -66,6 +66,14 @@ NODE_POD_PREFIX = "istio-cni-node-"
 _LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "fatal": 50, "none": 100}
 
 
+def _route_applier_logs(log: Log) -> None:
+    """The applier's records (backend choice, drift, warnings) go to this plugin's log too."""
+    from istio_iptables import lazylog
+
+    writers = {"debug": log.debug, "info": log.info, "warning": log.warn, "error": log.error}
+    lazylog.set_sink(lambda level, msg: writers[level](msg))
+
+
 class Log:
     """A tiny leveled logger to stderr and, optionally, a file (the logging module costs start-up)."""
 
@@ -458,6 +466,7 @@ def run(
         log = Log(stderr, conf.log_level, conf.log_file)
         if log.file_error:
             log.warn(log.file_error)
+        _route_applier_logs(log)
         call = Call(inv=inv._replace(stdin=data), raw=raw, conf=conf, log=log, executor=executor)
         result = HANDLERS[inv.command](call)
         if result is not None:

@@ -273,3 +273,19 @@ def test_add_path_stays_lean(
     else:
         assert "pyroute2" in out["heavy"]
         assert not {"click", "email", "http.client", "yaml"} & set(out["heavy"]), out["heavy"]
+
+
+def test_applier_records_reach_the_plugin_log_file(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS], tmp_path: Path
+) -> None:
+    api.add_pod(meshed_pod("logged", NS))
+    ns = netns("log")
+    log = tmp_path / "plugin.log"
+    conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path), log_file=str(log))
+    run = add(exe, ns, conf, NS, "logged")
+    assert run.code == 0, run.stderr
+    text = log.read_text()
+    # The applier's backend choice, logged through the plugin's own logger.
+    assert "IPv4: using iptables-nft" in text, text
+    assert "IPv4: using iptables-nft" in run.stderr
+    assert run.stdout.count("\n") <= 1 and "using" not in run.stdout
