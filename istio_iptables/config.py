@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -109,7 +109,6 @@ class ApplyOptions:
     force_apply: bool = False
     native_nftables: bool = False
     force_iptables_binary: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,20 +186,33 @@ def parse_port(source: str, s: str) -> int:
     return _port(source, s, s.strip())
 
 
+def _listed(source: str, s: str, what: str) -> list[str]:
+    """The items of a list where ``*`` is not allowed (``what`` names what to list instead)."""
+    if s.strip() == "*":
+        raise ConfigError(source, s, f"a wildcard is not allowed here, list the {what}")
+    return split_list(s)
+
+
+def _wildcard_or_listed(source: str, s: str) -> list[str] | None:
+    """None for ``*`` given alone, else the items of the list (``*`` among them is an error)."""
+    if s.strip() == "*":
+        return None
+    items = split_list(s)
+    if "*" in items:
+        raise ConfigError(source, s, "'*' must be given alone")
+    return items
+
+
 def parse_port_list(source: str, s: str) -> tuple[int, ...]:
     """A comma-separated list of ports (possibly empty); ``*`` is not allowed here."""
-    if s.strip() == "*":
-        raise ConfigError(source, s, "a wildcard is not allowed here, list the ports")
-    return tuple(_port(source, s, item) for item in split_list(s))
+    return tuple(_port(source, s, item) for item in _listed(source, s, "ports"))
 
 
 def parse_port_spec(source: str, s: str) -> PortSpec:
     """``*`` (every port), or a list of ports; empty means none."""
-    if s.strip() == "*":
+    items = _wildcard_or_listed(source, s)
+    if items is None:
         return PortSpec(wildcard=True)
-    items = split_list(s)
-    if "*" in items:
-        raise ConfigError(source, s, "'*' must be given alone")
     return PortSpec(ports=tuple(_port(source, s, item) for item in items))
 
 
@@ -229,18 +241,14 @@ def parse_cidr(source: str, s: str) -> IPNetwork:
 
 def parse_cidr_list(source: str, s: str) -> tuple[IPNetwork, ...]:
     """A comma-separated list of CIDR ranges, IPv4 and IPv6 mixed; ``*`` is not allowed here."""
-    if s.strip() == "*":
-        raise ConfigError(source, s, "a wildcard is not allowed here, list the CIDR ranges")
-    return tuple(_cidr(source, s, item) for item in split_list(s))
+    return tuple(_cidr(source, s, item) for item in _listed(source, s, "CIDR ranges"))
 
 
 def parse_cidr_spec(source: str, s: str) -> CidrSpec:
     """``*`` (every destination), or a list of CIDR ranges; empty means none."""
-    if s.strip() == "*":
+    items = _wildcard_or_listed(source, s)
+    if items is None:
         return CidrSpec(wildcard=True)
-    items = split_list(s)
-    if "*" in items:
-        raise ConfigError(source, s, "'*' must be given alone")
     return CidrSpec(cidrs=tuple(_cidr(source, s, item) for item in items))
 
 

@@ -36,10 +36,6 @@ class Family(enum.Enum):
         return "iptables-restore" if self is Family.V4 else "ip6tables-restore"
 
     @property
-    def save_command(self) -> str:
-        return "iptables-save" if self is Family.V4 else "ip6tables-save"
-
-    @property
     def iptables_command(self) -> str:
         return "iptables" if self is Family.V4 else "ip6tables"
 
@@ -51,10 +47,6 @@ class Family(enum.Enum):
     def inbound_passthrough_source(self) -> str:
         """Source address Envoy's inbound passthrough cluster binds to."""
         return "127.0.0.6/32" if self is Family.V4 else "::6/128"
-
-    @property
-    def loopback(self) -> str:
-        return "127.0.0.1/32" if self is Family.V4 else "::1/128"
 
 
 @dataclass(frozen=True)
@@ -80,10 +72,6 @@ class Rule:
         """The rule as a line of an iptables-restore document."""
         head = ("-A", self.chain) if self.position is None else ("-I", self.chain, str(self.position))
         return " ".join((*head, *self.spec))
-
-    def delete_argv(self) -> list[str]:
-        """Arguments for ``iptables`` that delete this rule by its specification."""
-        return ["-t", self.table, "-D", self.chain, *self.spec]
 
     @property
     def jumps_to_chain(self) -> bool:

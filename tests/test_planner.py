@@ -113,7 +113,6 @@ def test_owner_group_include_is_one_combined_rule() -> None:
 def test_insert_renders_with_position() -> None:
     rule = Rule("nat", "PREROUTING", ("-i", "eth1"), "RETURN", position=1)
     assert rule.restore_line() == "-I PREROUTING 1 -i eth1 -j RETURN"
-    assert rule.delete_argv() == ["-t", "nat", "-D", "PREROUTING", "-i", "eth1", "-j", "RETURN"]
 
 
 def test_render_layout() -> None:
