@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from cni.protocol import TYPE_CHECKING, NamedTuple
+from istio_iptables.lean import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ssl

@@ -2,52 +2,20 @@
 passes, version negotiation, result conversion between spec versions, and the error object.
 
 This module is on every ``istio-cni`` start, so it imports only ``json`` at module level: no
-``typing`` (NamedTuple classes are built by the small stand-in below), no ``dataclasses`` (it
-pulls in ``inspect``), and ``ipaddress`` only where an address is read.
+``typing`` (NamedTuple classes come from ``istio_iptables.lean``), no ``dataclasses`` (it pulls in
+``inspect``), and ``ipaddress`` only where an address is read.
 """
 
 from __future__ import annotations
 
 import json
 
-# Read as True by type checkers (they treat any ``TYPE_CHECKING`` name so), False at run time:
-# typing-only imports cost nothing when the plugin runs.
-TYPE_CHECKING = False
+from istio_iptables.lean import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ipaddress
     from collections.abc import Mapping
     from typing import Any
-    from typing import NamedTuple as NamedTuple
-else:
-
-    class _NamedTupleMeta(type):
-        """What ``typing.NamedTuple`` does for a class statement, without importing ``typing``:
-        the annotated names become a ``collections.namedtuple`` (with their defaults), and the
-        class body's methods and docstring are copied onto it."""
-
-        def __new__(cls, name, bases, ns):
-            from collections import namedtuple
-
-            fields = list(ns.get("__annotations__", {}))
-            defaults = []
-            for f in fields:
-                if f in ns:
-                    defaults.append(ns[f])
-                elif defaults:
-                    raise TypeError(f"Non-default namedtuple field {f} cannot follow default field")
-            tup = namedtuple(name, fields, defaults=defaults, module=ns["__module__"])
-            for key, value in ns.items():
-                if key not in fields and key != "__module__":
-                    setattr(tup, key, value)
-            return tup
-
-    _NamedTupleBase = type.__new__(_NamedTupleMeta, "NamedTuple", (), {})
-
-    def NamedTuple(*args, **kwargs):  # noqa: N802 - typing's name
-        raise TypeError("only the class form 'class X(NamedTuple): ...' is supported here")
-
-    NamedTuple.__mro_entries__ = lambda bases: (_NamedTupleBase,)
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
