@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from . import backend as backends
 from . import state as st
-from .config import ApplyOptions
-from .executor import CommandNotFound, Completed, Executor, RealExecutor, in_netns
+from .executor import CommandNotFound, RealExecutor, in_netns
 from .lazylog import get_logger
-from .ruleset import BUILTIN_CHAINS, Family, FamilyRules, Ruleset
+from .lean import TYPE_CHECKING
+from .ruleset import BUILTIN_CHAINS, Family
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .config import ApplyOptions
+    from .executor import Completed, Executor
+    from .ruleset import FamilyRules, Ruleset
 
 log = get_logger(__name__)
 
@@ -37,7 +42,6 @@ log = get_logger(__name__)
 DEFAULT_LOCK_WAIT = 30
 # Extra seconds before a hung child is killed, beyond the lock wait.
 _CHILD_GRACE = 30
-
 
 
 def _nsexec_argv() -> list[str]:
@@ -52,6 +56,7 @@ def _nsexec_argv() -> list[str]:
     if not source:
         raise ApplyError("cannot find the nsexec launcher of this installation", 1, STATE)
     return [sys.executable, "-I", "-S", "-c", source]
+
 
 # ApplyError kinds, for callers that map failures to their own codes (the CNI plugin).
 BINARY_MISSING = "binary-missing"
@@ -161,7 +166,7 @@ def legacy_table_presence(proc_net: str = "/proc/thread-self/net") -> dict[Famil
     out: dict[Family, bool] = {}
     for family, name in _LEGACY_TABLE_NAMES.items():
         try:
-            with open(os.path.join(proc_net, name), encoding="ascii", errors="replace") as f:
+            with open(os.path.join(proc_net, name), encoding="utf-8", errors="replace") as f:
                 out[family] = bool(f.read().split())
         except FileNotFoundError:
             out[family] = False
@@ -191,6 +196,11 @@ class _Target:
     def __init__(self, executor: Executor, opts: ApplyOptions, lock_wait: int) -> None:
         self.executor = executor
         self.netns = opts.network_namespace
+        # Real commands run from inside the namespace, which the applying thread enters for the
+        # whole run (no nsenter process per command); recorded ones are prefixed with nsenter, so
+        # what they would run is complete on its own.
+        self.inside = self.netns is not None and isinstance(executor, RealExecutor)
+        self.cmd_netns = None if self.inside else self.netns
         self.lock_wait = lock_wait
         # A pod-scoped lock: the pod's namespace file is unique to it and is never deleted under us.
         self.lockfile = self.netns if opts.cni_mode and self.netns else None
@@ -210,7 +220,7 @@ class _Target:
             from .netlink import NetlinkError, in_netns
 
             try:
-                self._tables = in_netns(self.netns, table_presence)
+                self._tables = in_netns(self.cmd_netns, table_presence)
             except NetlinkError as e:
                 log.debug("cannot look at the namespace's tables directly: %s", e)
                 self._tables = {}
@@ -218,6 +228,34 @@ class _Target:
 
     def legacy_tables(self, family: Family) -> bool | None:
         return self.has_tables(family, backends.LEGACY)
+
+    def vanished(self) -> bool:
+        """True when the namespace file no longer names the namespace this thread is in (the
+        runtime deleted it while we worked inside)."""
+        if not self.inside or self.netns is None:
+            return False
+        try:
+            there, here = os.stat(self.netns), os.stat("/proc/thread-self/ns/net")
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) != (here.st_dev, here.st_ino)
+
+    def run_inside(self, fn: Callable[[], None]) -> None:
+        """``fn()`` with the calling thread inside the target namespace when commands run for real
+        (see __init__), and back in its own namespace afterwards."""
+        from .netlink import NetlinkError, entered
+
+        inside = entered(self.netns if self.inside else None)
+        try:
+            inside.__enter__()
+        except NetlinkError as e:
+            raise ApplyError(f"network namespace {self.netns}: {e}", 1, NETNS) from e
+        try:
+            fn()
+        finally:
+            inside.__exit__(None, None, None)
 
     def _run(self, argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> Completed:
         log.debug("running %s", " ".join(argv))
@@ -241,17 +279,17 @@ class _Target:
             raise ApplyError(f"network namespace {self.netns}: {first}", 1, NETNS)
 
     def save(self, b: backends.Backend) -> Completed:
-        return self._run(in_netns(self.netns, [b.save]))
+        return self._run(in_netns(self.cmd_netns, [b.save]))
 
     def restore(self, b: backends.Backend, doc: str) -> Completed:
         cmd = [b.restore, "--noflush", f"--wait={self.lock_wait}"]
         env = {"XTABLES_LOCKFILE": self.lockfile} if b.legacy and self.lockfile else None
         # Only owner matches make iptables look names up (even numeric ones: getpwnam first).
         if self.local_lookups and "-owner" in doc:
-            net = ["--net", self.netns] if self.netns else []
+            net = ["--net", self.cmd_netns] if self.cmd_netns else []
             argv = [*_nsexec_argv(), *net, "--local-lookups", "--", *cmd]
         else:
-            argv = in_netns(self.netns, cmd)
+            argv = in_netns(self.cmd_netns, cmd)
         res = self._run(argv, stdin=doc, env=env)
         for line in res.stderr.splitlines() if res.ok else ():
             if line.startswith("nsexec: warning:"):
@@ -291,18 +329,27 @@ def _restore_error(
 # --- one family -------------------------------------------------------------------------------
 
 
-@dataclass
 class _Family:
-    family: Family
-    backend: backends.Backend
-    before: st.State  # as first read, without check chains
-    expected: FamilyRules | None  # None: only leftovers to look at (family not planned)
-    stale: dict[str, list[str]] = field(default_factory=dict)  # check chains found on arrival
-    sections: dict[str, st.Section] = field(default_factory=dict)
-    document: str = ""
-    origins: list[str | None] | None = None
-    action: str = ""
-    changed: bool = False
+    """One family's part of a run: its backend, its state on arrival, and what to commit."""
+
+    def __init__(
+        self,
+        family: Family,
+        backend: backends.Backend,
+        before: st.State,
+        expected: FamilyRules | None,
+        stale: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.family = family
+        self.backend = backend
+        self.before = before  # as first read, without check chains
+        self.expected = expected  # None: only leftovers to look at (family not planned)
+        self.stale: dict[str, list[str]] = stale or {}  # check chains found on arrival
+        self.sections: dict[str, st.Section] = {}
+        self.document = ""
+        self.origins: list[str | None] | None = None
+        self.action = ""
+        self.changed = False
 
     @property
     def name(self) -> str:
@@ -466,7 +513,10 @@ def apply(
         log.warning("--native-nftables is not implemented: installing the rules with iptables")
     check_netns(opts.network_namespace)
     target = _Target(executor or RealExecutor(), opts, lock_wait)
+    target.run_inside(lambda: _apply(target, rs, opts))
 
+
+def _apply(target: _Target, rs: Ruleset, opts: ApplyOptions) -> None:
     families: list[_Family] = []
     for fr in rs.families:
         fam = _open(target, fr.family, opts.force_iptables_binary, fr, required=True)
@@ -507,8 +557,12 @@ def apply(
         try:
             routes.apply_routes(rs.routes, rs.loopback_addresses, opts.network_namespace)
         except routes.RoutesError as e:
+            if target.vanished():
+                raise ApplyError(f"network namespace {target.netns}: deleted while applying", 1, NETNS) from e
             _put_back(target, families)
             raise ApplyError(f"{_routing_what(rs)}: {e}", 1, ROUTES) from e
+    if target.vanished():
+        raise ApplyError(f"network namespace {target.netns}: deleted while applying", 1, NETNS)
     log.info("iptables rules are in place")
 
 
@@ -533,6 +587,10 @@ def cleanup(
         return
     check_netns(opts.network_namespace)
     target = _Target(executor or RealExecutor(), opts, lock_wait)
+    target.run_inside(lambda: _cleanup(target, opts, enable_ipv6, ruleset))
+
+
+def _cleanup(target: _Target, opts: ApplyOptions, enable_ipv6: bool, ruleset: Ruleset | None) -> None:
     fam_list = [Family.V4, Family.V6] if enable_ipv6 else [Family.V4]
     planned = {fr.family: fr for fr in (ruleset.families if ruleset else [])}
 

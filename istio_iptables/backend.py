@@ -9,13 +9,16 @@ so the choice and its reason are always logged.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from .executor import Completed
 from .lazylog import get_logger
+from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import Family
 from .state import holds_rules, parse_save
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .executor import Completed
 
 log = get_logger(__name__)
 
@@ -64,8 +67,7 @@ class BackendError(Exception):
     """No usable iptables binaries (message says which were looked for)."""
 
 
-@dataclass(frozen=True)
-class Backend:
+class Backend(NamedTuple):
     """The restore and save binaries of one variant for one family."""
 
     family: Family
@@ -121,8 +123,7 @@ def require(family: Family, variant: str, which: Callable[[str], str | None] | N
     return found
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     """A chosen backend, why, and the iptables-save output detection already read (if any)."""
 
     backend: Backend

@@ -5,9 +5,9 @@ Everything is parsed and validated once, here; errors name the option or variabl
 
 from __future__ import annotations
 
-import enum
 import ipaddress
-from dataclasses import dataclass
+
+from .lean import Enum, NamedTuple
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -23,13 +23,12 @@ class ConfigError(ValueError):
         self.reason = reason
 
 
-class InterceptionMode(enum.Enum):
+class InterceptionMode(Enum):
     REDIRECT = "REDIRECT"
     TPROXY = "TPROXY"
 
 
-@dataclass(frozen=True)
-class PortSpec:
+class PortSpec(NamedTuple):
     """A port list that may also be the wildcard ``*`` (inbound ports to capture)."""
 
     wildcard: bool = False
@@ -40,8 +39,7 @@ class PortSpec:
         return not self.wildcard and not self.ports
 
 
-@dataclass(frozen=True)
-class CidrSpec:
+class CidrSpec(NamedTuple):
     """A CIDR list that may also be the wildcard ``*`` (outbound ranges to capture)."""
 
     wildcard: bool = False
@@ -55,16 +53,14 @@ class CidrSpec:
         return any(c.network_address.is_loopback for c in self.cidrs)
 
 
-@dataclass(frozen=True)
-class OwnerGroups:
+class OwnerGroups(NamedTuple):
     """Which groups' outbound traffic is captured: all (``*``), only ``values``, or all but ``values``."""
 
     except_: bool = True
     values: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """Everything the planner needs. Defaults are Istio's."""
 
     proxy_port: int = 15001
@@ -93,8 +89,7 @@ class Config:
     host_ipv4_loopback_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network("127.0.0.1/32")
 
 
-@dataclass(frozen=True)
-class ApplyOptions:
+class ApplyOptions(NamedTuple):
     """How rules are applied (or not). None of this changes which rules are planned."""
 
     dry_run: bool = False
@@ -117,17 +112,32 @@ class ApplyOptions:
 # ConfigError can name it. Lists follow Istio's split: comma-separated, empty items (and here
 # also surrounding spaces) ignored, so "6000,7000," and "6000, 7000" both mean 6000 and 7000.
 
-import re  # noqa: E402  (this section's own imports; the top belongs to the dataclasses)
-
+# No ``re`` here: these parsers run on every pod start, and ``re`` (with ``enum``) is a large
+# share of the start-up imports. The small grammars below are checked by hand.
 from .lazylog import get_logger  # noqa: E402
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-_DIGITS = re.compile(r"[0-9]+")
-_BITS = re.compile(r"0|[1-9][0-9]{0,2}")
-# POSIX-portable user and group names (useradd's default rule); a trailing '$' is allowed for
-# machine accounts. Numbers and a-b ranges are checked before this pattern.
-_OWNER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
+_ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# POSIX-portable user and group names (useradd's default rule): [A-Za-z_][A-Za-z0-9_.-]*, and a
+# trailing '$' for machine accounts. Numbers and a-b ranges are checked before this rule.
+_OWNER_FIRST = _ASCII_LETTERS | {"_"}
+_OWNER_REST = _OWNER_FIRST | frozenset("0123456789.-")
+
+
+def _is_digits(s: str) -> bool:
+    """``[0-9]+`` in full (str.isdigit alone also accepts other scripts' digits)."""
+    return s.isascii() and s.isdigit()
+
+
+def _is_prefix_length(s: str) -> bool:
+    """``0|[1-9][0-9]{0,2}``: a prefix length as written, without leading zeros."""
+    return _is_digits(s) and len(s) <= 3 and (s == "0" or s[0] != "0")
+
+
+def _is_owner_name(s: str) -> bool:
+    name = s[:-1] if s.endswith("$") else s
+    return bool(name) and name[0] in _OWNER_FIRST and all(c in _OWNER_REST for c in name[1:])
 _OWNER_NAME_MAX = 32
 # The kernel keeps uid/gid (u32)-1 as "no id"; iptables' owner match rejects it.
 _MAX_ID = 2**32 - 2
@@ -151,7 +161,8 @@ _DURATION_UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+# Two-letter units first: "ms" is milliseconds, not minutes followed by "s".
+_DURATION_UNIT_ORDER = ("ns", "us", "\u00b5s", "\u03bcs", "ms", "s", "m", "h")
 
 _log = get_logger(__name__)
 
@@ -173,7 +184,7 @@ def parse_bool(source: str, s: str) -> bool:
 
 def _port(source: str, whole: str, item: str) -> int:
     label = "" if item == whole.strip() else f"{item!r}: "
-    if not _DIGITS.fullmatch(item):
+    if not _is_digits(item):
         raise ConfigError(source, whole, f"{label}not a port number (1-65535)")
     port = int(item)
     if not 1 <= port <= 65535:
@@ -229,7 +240,7 @@ def _cidr(source: str, whole: str, item: str) -> IPNetwork:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         raise ConfigError(source, whole, f"{item!r} is not a CIDR range (bad address)") from None
-    if not _BITS.fullmatch(bits) or int(bits) > ip.max_prefixlen:
+    if not _is_prefix_length(bits) or int(bits) > ip.max_prefixlen:
         raise ConfigError(source, whole, f"{item!r}: the prefix length must be 0-{ip.max_prefixlen}")
     return ipaddress.ip_network(f"{ip}/{bits}", strict=False)
 
@@ -297,7 +308,7 @@ def parse_mode(source: str, s: str) -> InterceptionMode:
 
 def _owner(source: str, whole: str, item: str) -> str:
     lo, dash, hi = item.partition("-")
-    if _DIGITS.fullmatch(item) or (dash and _DIGITS.fullmatch(lo) and _DIGITS.fullmatch(hi)):
+    if _is_digits(item) or (dash and _is_digits(lo) and _is_digits(hi)):
         first = int(lo)
         last = int(hi) if dash else first
         if last > _MAX_ID:
@@ -305,7 +316,7 @@ def _owner(source: str, whole: str, item: str) -> str:
         if first > last:
             raise ConfigError(source, whole, f"range {item!r} is reversed")
         return f"{first}-{last}" if dash else str(first)
-    if len(item) <= _OWNER_NAME_MAX and _OWNER_NAME.fullmatch(item):
+    if len(item) <= _OWNER_NAME_MAX and _is_owner_name(item):
         return item
     raise ConfigError(source, whole, f"{item!r} is not a numeric id, an id range or a valid name")
 
@@ -350,7 +361,7 @@ def parse_owner_groups(
 def parse_mark(source: str, s: str) -> int:
     """A packet mark, 1..2^32-1, in decimal (0 would be "no mark")."""
     v = s.strip()
-    if not _DIGITS.fullmatch(v) or not 1 <= int(v) <= _MAX_U32:
+    if not _is_digits(v) or not 1 <= int(v) <= _MAX_U32:
         raise ConfigError(source, s, f"expected a mark from 1 to {_MAX_U32}")
     return int(v)
 
@@ -358,7 +369,7 @@ def parse_mark(source: str, s: str) -> int:
 def parse_route_table(source: str, s: str) -> int:
     """A policy-routing table id, 1..2^32-1 except the kernel's 253, 254 and 255."""
     v = s.strip()
-    if not _DIGITS.fullmatch(v) or not 1 <= int(v) <= _MAX_U32:
+    if not _is_digits(v) or not 1 <= int(v) <= _MAX_U32:
         raise ConfigError(source, s, f"expected a routing table number from 1 to {_MAX_U32}")
     if int(v) in _RESERVED_TABLES:
         raise ConfigError(source, s, "tables 253, 254 and 255 are reserved (default, main, local)")
@@ -374,11 +385,20 @@ def parse_duration(source: str, s: str) -> float:
     total = 0.0
     pos = 0
     while pos < len(rest):
-        m = _DURATION_PART.match(rest, pos)
-        if m is None or m.group(1) in ("", "."):
+        # One ``[0-9]*(\.[0-9]*)?`` number, then one unit.
+        start = pos
+        while pos < len(rest) and "0" <= rest[pos] <= "9":
+            pos += 1
+        if pos < len(rest) and rest[pos] == ".":
+            pos += 1
+            while pos < len(rest) and "0" <= rest[pos] <= "9":
+                pos += 1
+        number = rest[start:pos]
+        unit = next((u for u in _DURATION_UNIT_ORDER if rest.startswith(u, pos)), None)
+        if unit is None or number in ("", "."):
             raise ConfigError(source, s, "expected a duration such as 5s, 1m30s or 500ms")
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
+        total += float(number) * _DURATION_UNITS[unit]
+        pos += len(unit)
     if not rest:
         raise ConfigError(source, s, "expected a duration such as 5s, 1m30s or 500ms")
     return total

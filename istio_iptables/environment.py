@@ -6,17 +6,21 @@ resolv.conf). ``Machine`` is the seam; tests pass their own.
 from __future__ import annotations
 
 import ipaddress
-import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
 
-from .executor import CommandNotFound, Executor, RealExecutor, in_netns
+from .executor import CommandNotFound, RealExecutor, in_netns
+from .lazylog import get_logger
+from .lean import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from typing import Protocol
+
+    from .executor import Executor
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 _V4_LINK_LOCAL_MULTICAST = ipaddress.IPv4Network("224.0.0.0/24")
 _V6_LINK_LOCAL_MULTICAST = ipaddress.IPv6Network("ff02::/16")
@@ -26,26 +30,33 @@ class DetectionError(Exception):
     """The machine could not tell us something we need (and no option gave it)."""
 
 
-class Machine(Protocol):
-    def user_uid(self, name: str) -> str | None:
-        """The numeric uid of user ``name`` as a string, or None when there is no such user."""
-        ...
+if TYPE_CHECKING:
 
-    def local_addresses(self, netns: str | None) -> list[IPAddress]:
-        """Every address of every interface (of ``netns`` when given), in Go's order: all IPv4
-        addresses first, then all IPv6 ones, each family in interface order."""
-        ...
+    class Machine(Protocol):
+        """What load() asks the machine (a Protocol for type checkers; tests pass their own)."""
 
-    def nameservers(self, path: str) -> list[str]:
-        """The ``nameserver`` entries of a resolv.conf file, as written; raises OSError."""
-        ...
+        def user_uid(self, name: str) -> str | None:
+            """The numeric uid of user ``name`` as a string, or None when there is no such user."""
+            ...
+
+        def local_addresses(self, netns: str | None) -> list[IPAddress]:
+            """Every address of every interface (of ``netns`` when given), in Go's order: all IPv4
+            addresses first, then all IPv6 ones, each family in interface order."""
+            ...
+
+        def nameservers(self, path: str) -> list[str]:
+            """The ``nameserver`` entries of a resolv.conf file, as written; raises OSError."""
+            ...
+
+else:
+    Machine = object  # only a type: what load() asks the machine; tests pass their own
 
 
-@dataclass
 class RealMachine:
     """The machine we run on; commands go through the executor seam."""
 
-    executor: Executor = field(default_factory=RealExecutor)
+    def __init__(self, executor: Executor | None = None) -> None:
+        self.executor: Executor = RealExecutor() if executor is None else executor
 
     def user_uid(self, name: str) -> str | None:
         import pwd

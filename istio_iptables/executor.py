@@ -2,18 +2,31 @@
 
 Commands are argv lists, never shell strings. Entering a network namespace is done by prefixing
 util-linux ``nsenter --net=PATH --`` so only the child changes namespace.
+
+The CNI plugin and the init container import this module on every pod start, so it imports
+neither ``typing`` nor ``dataclasses``, and the real executor does not use ``subprocess`` (which
+loads ``signal``, ``threading``, ``selectors`` and ``locale``): it starts children with
+``os.posix_spawnp`` and talks to them over pipes with ``select.poll``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+import time
+
+from .lean import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from signal import SIGKILL, SIGPIPE, SIGXFSZ
+    from typing import Protocol
+else:
+    # The C half of ``signal``, which the interpreter has loaded already (``signal`` itself
+    # imports ``enum``). Type checkers read the same names from ``signal``.
+    from _signal import SIGKILL, SIGPIPE, SIGXFSZ
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(NamedTuple):
     argv: tuple[str, ...]
     returncode: int
     stdout: str = ""
@@ -30,15 +43,23 @@ class CommandNotFound(Exception):
         self.program = program
 
 
-class Executor(Protocol):
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        stdin: str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-    ) -> Completed: ...
+if TYPE_CHECKING:
+
+    class Executor(Protocol):
+        def run(
+            self,
+            argv: Sequence[str],
+            *,
+            stdin: str | None = None,
+            env: Mapping[str, str] | None = None,
+            timeout: float | None = None,
+        ) -> Completed: ...
+
+else:
+
+    class Executor:
+        """Only a type: anything with ``RealExecutor.run``'s signature (a Protocol for type
+        checkers; tests pass their own)."""
 
 
 def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
@@ -48,8 +69,28 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     return ["nsenter", f"--net={netns}", "--", *argv]
 
 
+# Exit status reported for a command that ran out of time (timeout(1)'s).
+_TIMED_OUT = 124
+# What one read takes from a pipe; the default pipe buffer is 64 KiB.
+_READ = 1 << 16
+# After a timeout, what is read of the output already buffered: as much as the largest pipe an
+# unprivileged process may ask for holds (fs.pipe-max-size).
+_DRAIN = 1 << 20
+
+
 class RealExecutor:
-    """Runs commands with subprocess, no shell, capturing text output."""
+    """Runs commands without a shell and captures their output as text: what
+    ``subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=...)`` does, with
+    ``os.posix_spawnp`` (one vfork-style clone in glibc) and pipes polled in this thread.
+
+    Differences that do not matter to the commands run here: text is UTF-8 whatever the locale
+    (output with bad bytes replaced and newlines untranslated; input encoded like argv, so strings
+    from undecodable bytes go back as those bytes); without ``stdin`` the child reads an empty
+    pipe rather than this process's stdin, as Go's os/exec gives it /dev/null; and descriptors are
+    not closed in the child beyond the close-on-exec ones (every descriptor Python opens is).
+    After a timeout the output is what the child wrote until then, without waiting for the end
+    of output that grandchildren could hold off for ever.
+    """
 
     def run(
         self,
@@ -59,37 +100,231 @@ class RealExecutor:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Completed:
-        import subprocess  # deferred: a --dry-run usually runs no command
+        import select  # deferred: a --dry-run usually runs no command
 
-        full_env = None
+        args = tuple(argv)
+        child_env: Mapping[str, str] = os.environ
+        spawn = os.posix_spawnp
+        program = args[0]
         if env:
-            full_env = dict(os.environ)
-            full_env.update(env)
+            child_env = {**os.environ, **env}
+            # glibc searches this process's PATH; subprocess searches the one the child gets.
+            path = child_env.get("PATH", os.defpath)
+            if os.sep not in program and path != os.environ.get("PATH", os.defpath):
+                found = _which(program, path)
+                if found is None:
+                    raise CommandNotFound(program)
+                program, spawn = found, os.posix_spawn
+        # Pipes are close-on-exec so that children spawned meanwhile by other threads do not
+        # hold them (and keep our reads from ending); dup2 clears the flag on the copies the
+        # child gets as 0, 1 and 2, and exec closes the originals there.
+        opened: list[int] = []
+        pid = 0
         try:
-            p = subprocess.run(
-                list(argv),
-                input=stdin,
-                capture_output=True,
-                text=True,
-                env=full_env,
-                timeout=timeout,
-                check=False,
-            )
-        except FileNotFoundError as e:
-            raise CommandNotFound(argv[0]) from e
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-            return Completed(tuple(argv), 124, out, err + f"\ntimed out after {timeout}s")
-        return Completed(tuple(argv), p.returncode, p.stdout, p.stderr)
+            in_r, in_w = _pipe(opened)
+            out_r, out_w = _pipe(opened)
+            err_r, err_w = _pipe(opened)
+            try:
+                pid = spawn(
+                    program,
+                    args,
+                    child_env,
+                    file_actions=[
+                        (os.POSIX_SPAWN_DUP2, in_r, 0),
+                        (os.POSIX_SPAWN_DUP2, out_w, 1),
+                        (os.POSIX_SPAWN_DUP2, err_w, 2),
+                    ],
+                    # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec;
+                    # subprocess restores both (restore_signals), so `cmd | head` works.
+                    setsigdef=(SIGPIPE, SIGXFSZ),
+                )
+            except FileNotFoundError as e:
+                raise CommandNotFound(args[0]) from e
+            for fd in (in_r, out_w, err_w):
+                _close(fd, opened)
+
+            data = memoryview(stdin.encode("utf-8", "surrogateescape") if stdin else b"")
+            sent = 0
+            poller = select.poll()
+            chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+            reading = set(chunks)
+            for fd in reading:
+                poller.register(fd, select.POLLIN)
+            if data:
+                # Non-blocking: a write takes what fits in the pipe and never waits for the child,
+                # which may be blocked writing output that only this loop reads.
+                os.set_blocking(in_w, False)
+                poller.register(in_w, select.POLLOUT)
+            else:
+                _close(in_w, opened)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            timed_out = False
+            while reading or sent < len(data):
+                wait = None
+                if deadline is not None:
+                    # Recomputed each round: poll returns early for every event (and Python
+                    # retries it after a signal with what is left).
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        timed_out = True
+                        break
+                    wait = left * 1000
+                for fd, _ in poller.poll(wait):
+                    if fd == in_w:
+                        try:
+                            sent += os.write(in_w, data[sent:])
+                        except BlockingIOError:
+                            continue
+                        except BrokenPipeError:
+                            # The child is gone or closed its stdin: keep its output.
+                            sent = len(data)
+                        if sent >= len(data):
+                            poller.unregister(in_w)
+                            _close(in_w, opened)
+                    else:
+                        chunk = os.read(fd, _READ)
+                        if chunk:
+                            chunks[fd].append(chunk)
+                        else:
+                            poller.unregister(fd)
+                            reading.discard(fd)
+                            _close(fd, opened)
+
+            returncode = None
+            if not timed_out:
+                returncode = _reap(pid) if deadline is None else _reap_by(pid, deadline)
+            if returncode is None:
+                os.kill(pid, SIGKILL)
+                _reap(pid)
+                pid = 0
+                for fd, _ in poller.poll(0):
+                    if fd in reading:
+                        chunks[fd].append(os.read(fd, _DRAIN))
+                out, err = _text(chunks[out_r]), _text(chunks[err_r])
+                return Completed(args, _TIMED_OUT, out, err + f"\ntimed out after {timeout}s")
+            pid = 0
+            return Completed(args, returncode, _text(chunks[out_r]), _text(chunks[err_r]))
+        finally:
+            if pid:
+                # Interrupted (KeyboardInterrupt, MemoryError...): leave neither a running child
+                # nor a zombie behind.
+                try:
+                    os.kill(pid, SIGKILL)
+                finally:
+                    _reap(pid)
+            for fd in opened:
+                os.close(fd)
 
 
-@dataclass
+def _pipe(opened: list[int]) -> tuple[int, int]:
+    """A close-on-exec pipe whose ends are above 2, recorded in ``opened`` (to be closed).
+
+    Only with this process's stdin, stdout or stderr closed can a pipe end be 0, 1 or 2, and
+    then the child's dup2 onto 0, 1 and 2 could overwrite it before using it: such ends move up.
+    """
+    ends = os.pipe2(os.O_CLOEXEC)
+    opened += ends
+    if min(ends) > 2:
+        return ends
+    import fcntl
+
+    moved = []
+    for fd in ends:
+        moved.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+        opened.append(moved[-1])
+    # The low ends go at once: a second write end left open here would keep the child's output
+    # from ever reaching end-of-file.
+    for fd in ends:
+        _close(fd, opened)
+    return moved[0], moved[1]
+
+
+def _close(fd: int, opened: list[int]) -> None:
+    opened.remove(fd)
+    os.close(fd)
+
+
+def _reap(pid: int) -> int:
+    """Wait for the child; its exit status, or minus the signal that killed it."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        # SIGCHLD ignored (inherited from whoever started us): the kernel reaped it already and
+        # its status is lost; subprocess reports 0 then too.
+        return 0
+    return os.waitstatus_to_exitcode(status)
+
+
+def _reap_by(pid: int, deadline: float) -> int | None:
+    """Like ``_reap``, but None when the child still runs at ``deadline``.
+
+    Its pipes have reached end-of-file, but it closes its files a moment before it can be
+    reaped, so often it is not quite done yet: its pidfd becomes readable when it is. Where
+    pidfds are missing (Linux before 5.3, or a seccomp filter that refuses them) this checks
+    with growing pauses, as subprocess does when it waits with a timeout.
+    """
+    import select
+
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return 0
+    if done:
+        return os.waitstatus_to_exitcode(status)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        pass
+    else:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(max(deadline - time.monotonic(), 0) * 1000):
+                return None
+        finally:
+            os.close(pidfd)
+        return _reap(pid)
+    pause = 0.0001
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.05)
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0
+        if done:
+            return os.waitstatus_to_exitcode(status)
+
+
+def _text(chunks: list[bytes]) -> str:
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def _which(name: str, path: str) -> str | None:
+    """The first executable ``name`` in the directories of ``path``, as execvpe finds it."""
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
 class RecordingExecutor:
     """Records every call; answers from ``responder`` (default: success with no output)."""
 
-    responder: Callable[[tuple[str, ...], str | None], Completed] | None = None
-    calls: list[tuple[tuple[str, ...], str | None, dict[str, str]]] = field(default_factory=list)
+    def __init__(
+        self,
+        responder: Callable[[tuple[str, ...], str | None], Completed] | None = None,
+        calls: list[tuple[tuple[str, ...], str | None, dict[str, str]]] | None = None,
+    ) -> None:
+        self.responder = responder
+        self.calls: list[tuple[tuple[str, ...], str | None, dict[str, str]]] = [] if calls is None else calls
+
+    def __repr__(self) -> str:
+        return f"RecordingExecutor(responder={self.responder!r}, calls={self.calls!r})"
 
     def run(
         self,

@@ -8,23 +8,30 @@ common case (IPv6 enabled, no TPROXY) does not load a netlink library: an ``AF_N
 (``NFT_MSG_GETTABLE`` dump on a ``NETLINK_NETFILTER`` socket), so that the applier need not run
 iptables-nft-save in a namespace that has no table for it to print.
 
-The socket must belong to the target namespace. A socket stays bound to the namespace it was
-created in, and ``setns`` changes only the calling thread, so the request runs in a short-lived
-thread that enters the namespace, does its work and ends; the rest of the process never moves.
+The socket must belong to the target namespace: a socket stays bound to the namespace it was
+created in. ``entered(netns)`` moves the calling thread into a namespace and back again (``setns``
+changes only the calling thread, and the processes it spawns meanwhile start there), so the applier
+can run its netlink requests and its iptables-restore children inside the pod's namespace without
+an ``nsenter`` process per command. ``_socket`` rather than ``socket``: this module is on every pod
+start and needs none of the Python wrapper (which imports ``selectors`` and ``enum``).
 """
 
 from __future__ import annotations
 
+import _socket as socket
 import errno
-import ipaddress
 import os
-import socket
 import struct
-from collections.abc import Callable
-from typing import TypeVar
 
-T = TypeVar("T")
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+from .lean import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ipaddress
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    T = TypeVar("T")
+    Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 # linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h, linux/sched.h
 RTM_NEWADDR = 20
@@ -109,7 +116,8 @@ def parse_ack(data: bytes, seq: int) -> int | None:
 def request(message: bytes, seq: int) -> int:
     """Send one request on a new NETLINK_ROUTE socket of the calling thread's namespace and wait
     for its acknowledgement; returns the kernel's error number (0: done)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as s:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    try:
         s.settimeout(TIMEOUT)
         s.bind((0, 0))
         s.sendto(message, (0, 0))
@@ -121,6 +129,8 @@ def request(message: bytes, seq: int) -> int:
             err = parse_ack(data, seq)
             if err is not None:
                 return err
+    finally:
+        s.close()
 
 
 def tables_message(nfproto: int, seq: int) -> bytes:
@@ -164,7 +174,7 @@ def nft_table_count(nfproto: int) -> int:
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     except OSError as e:
         raise NetlinkError(e.errno, f"netfilter netlink socket: {e.strerror}") from None
-    with s:
+    try:
         s.settimeout(TIMEOUT)
         s.bind((0, 0))
         s.sendto(tables_message(nfproto, seq), (0, 0))
@@ -178,59 +188,115 @@ def nft_table_count(nfproto: int) -> int:
             total += count
             if done:
                 return total
+    finally:
+        s.close()
+
+
+_libc_setns: Callable[[int, int], int] | None = None
+
+
+def _bind_setns() -> Callable[[int, int], int]:
+    """libc's ``setns``, bound through ``_ctypes`` (the C half of ``ctypes``) the way
+    ``ctypes.CDLL(None, use_errno=True).setns`` binds it: the ``ctypes`` package itself costs
+    every pod start about 1-2 ms more. Any surprise there falls back to ``ctypes``."""
+    try:
+        import _ctypes
+
+        class _Int(_ctypes._SimpleCData):  # ctypes.c_int
+            _type_ = "i"
+
+        class _Function(_ctypes.CFuncPtr):  # a CDLL function with use_errno=True
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = _Int
+
+        program = _ctypes.dlopen(None, 0)  # type: ignore[arg-type]  # dlopen(NULL): this program and libc
+        function: Callable[[int, int], int] = _Function(_ctypes.dlsym(program, "setns"))
+        return function
+    except Exception:  # noqa: BLE001 - the plain ctypes binding below does the same job
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).setns
+
+
+def _errno() -> int:
+    import _ctypes
+
+    return int(_ctypes.get_errno())
 
 
 def _setns(fd: int) -> None:
+    global _libc_setns
     setns = getattr(os, "setns", None)  # Python 3.12+
     if setns is not None:
         setns(fd, CLONE_NEWNET)
         return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
+    if _libc_setns is None:
+        _libc_setns = _bind_setns()
+    if _libc_setns(fd, CLONE_NEWNET) != 0:
+        err = _errno()
         raise OSError(err, os.strerror(err))
 
 
-def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """``fn()`` run by a thread inside the network namespace ``netns`` (here when None).
+class entered:  # noqa: N801 - used like a function: ``with entered(path):``
+    """Context manager: the calling thread inside the network namespace ``netns`` (no change for
+    None), and back in its own namespace afterwards, whatever happened inside.
 
-    Raises NetlinkError when the namespace cannot be entered; ``fn``'s exceptions pass through.
+    Raises NetlinkError when the namespace cannot be entered. Failing to return is fatal for the
+    thread's later work, so it raises too rather than carry on in the wrong namespace.
     """
-    if netns is None:
-        return fn()
-    import threading
 
-    try:
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise NetlinkError(e.errno, f"cannot open network namespace {netns}: {e.strerror}") from None
-    outcome: list[tuple[bool, object]] = []
+    __slots__ = ("netns", "_home")
 
-    def enter_and_run() -> None:
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._home: int | None = None
+
+    def __enter__(self) -> None:
+        if self.netns is None:
+            return
+        try:
+            fd = os.open(self.netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NetlinkError(e.errno, f"cannot open network namespace {self.netns}: {e.strerror}") from None
+        try:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            os.close(fd)
+            raise NetlinkError(
+                e.errno, f"cannot open this thread's network namespace: {e.strerror}"
+            ) from None
         try:
             _setns(fd)
         except OSError as e:
-            why = f"cannot enter network namespace {netns}: {e.strerror}"
-            outcome.append((False, NetlinkError(e.errno, why)))
+            os.close(home)
+            raise NetlinkError(
+                e.errno, f"cannot enter network namespace {self.netns}: {e.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
+        self._home = home
+
+    def __exit__(self, *exc: object) -> None:
+        home, self._home = self._home, None
+        if home is None:
             return
         try:
-            outcome.append((True, fn()))
-        except BaseException as e:  # handed to the caller's thread
-            outcome.append((False, e))
+            _setns(home)
+        except OSError as e:
+            raise NetlinkError(
+                e.errno, f"cannot return from network namespace {self.netns}: {e.strerror}"
+            ) from None
+        finally:
+            os.close(home)
 
-    try:
-        thread = threading.Thread(target=enter_and_run, name="netns", daemon=True)
-        thread.start()
-        thread.join()
-    finally:
-        os.close(fd)
-    ok, value = outcome[0]
-    if not ok:
-        assert isinstance(value, BaseException)
-        raise value
-    return value  # type: ignore[return-value]
+
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """``fn()`` run inside the network namespace ``netns`` (here when None).
+
+    Raises NetlinkError when the namespace cannot be entered; ``fn``'s exceptions pass through.
+    """
+    with entered(netns):
+        return fn()
 
 
 _seq = 0

@@ -8,12 +8,7 @@ generated from ``OPTIONS``. No click here: the CNI plugin imports this package t
 
 from __future__ import annotations
 
-import enum
-import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from . import config as c
 from .config import ApplyOptions, Config, ConfigError, OwnerGroups
@@ -25,14 +20,20 @@ from .environment import (
     detect_ipv6,
     split_nameservers,
 )
+from .lean import TYPE_CHECKING, Enum, NamedTuple
 
-_log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+# The stdlib logging levels, by number (the commands log without importing ``logging``).
+DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
 
 DEFAULT_ENVOY_USER = "istio-proxy"
 DEFAULT_PROXY_UID = "1337"
 
 
-class Kind(enum.Enum):
+class Kind(Enum):
     """What an option's text holds; ``metavar`` is how --help and the README show it."""
 
     PORT = "PORT"
@@ -61,8 +62,7 @@ class Kind(enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class OptionDef:
+class OptionDef(NamedTuple):
     """One option: ``name`` is the long flag without dashes (None for an environment-only
     setting); ``env`` lists its variables, later ones winning; ``default`` is the text a missing
     option stands for ("" included); ``apply_only`` marks options that only matter when rules are
@@ -226,19 +226,19 @@ FLAGS: tuple[OptionDef, ...] = tuple(o for o in OPTIONS if o.name is not None)
 ENV_ONLY: tuple[OptionDef, ...] = tuple(o for o in OPTIONS if o.name is None)
 
 _LOG_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-    "fatal": logging.CRITICAL,
-    "none": logging.CRITICAL + 10,
+    "debug": DEBUG,
+    "info": INFO,
+    "warn": WARNING,
+    "error": ERROR,
+    "fatal": CRITICAL,
+    "none": CRITICAL + 10,
 }
 
 
 def parse_log_levels(source: str, s: str) -> int:
     """Istio's ``--log_output_level``: ``[scope:]level,...``; the default (or ``all``) scope's
     level is the one we use, other scopes are accepted and ignored."""
-    level = logging.INFO
+    level = INFO
     for item in c.split_list(s):
         parts = item.split(":")
         if len(parts) > 2 or parts[-1] not in _LOG_LEVELS:
@@ -279,8 +279,7 @@ _PARSERS: dict[Kind, Callable[[str, str], Any]] = {
 }
 
 
-@dataclass(frozen=True)
-class Raw:
+class Raw(NamedTuple):
     """An option's text and where it came from (``explicit``: command line or environment)."""
 
     text: str
@@ -303,9 +302,8 @@ def resolve(opt: OptionDef, values: Mapping[str, str], env: Mapping[str, str]) -
     return Raw(opt.default, opt.flag, False)
 
 
-@dataclass(frozen=True)
-class LogSettings:
-    level: int = logging.INFO
+class LogSettings(NamedTuple):
+    level: int = INFO
     json: bool = False
 
 

@@ -9,22 +9,23 @@ failed apply can take back exactly that. pyroute2 is imported only here, and onl
 
 from __future__ import annotations
 
+import _socket as socket
 import errno
-import ipaddress
 import os
-import socket
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
 
 from . import netlink
 from .lazylog import get_logger
+from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import Family, PolicyRoute
 
-log = get_logger(__name__)
+if TYPE_CHECKING:
+    import ipaddress
+    from collections.abc import Sequence
+    from typing import Any
 
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+log = get_logger(__name__)
 
 _AF = {Family.V4: socket.AF_INET, Family.V6: socket.AF_INET6}
 _DEFAULT = {Family.V4: "0.0.0.0/0", Family.V6: "::/0"}
@@ -34,8 +35,7 @@ class RoutesError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Added:
+class Added(NamedTuple):
     """One thing apply_routes added: ("rule" | "route", PolicyRoute) or ("address", interface)."""
 
     kind: str
@@ -43,24 +43,41 @@ class Added:
     address: Interface | None = None
 
 
-@contextmanager
-def _ipr(netns: str | None) -> Iterator[Any]:
-    from pyroute2 import IPRoute  # deferred: pyroute2 is heavy and only TPROXY needs it
+class _ipr:  # noqa: N801 - used like a function: ``with _ipr(netns) as ipr:``
+    """A pyroute2 IPRoute of the namespace at ``netns`` (this one for None)."""
 
-    if netns is None:
-        with IPRoute() as ipr:
-            yield ipr
-        return
-    try:
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise RoutesError(f"cannot open network namespace {netns}: {e.strerror}") from e
-    try:
-        # An open fd, and flags=0: pyroute2 must never create a namespace that is not there.
-        with IPRoute(netns=fd, flags=0) as ipr:
-            yield ipr
-    finally:
-        os.close(fd)
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self.fd: int | None = None
+        self.ipr: Any = None
+
+    def __enter__(self) -> Any:
+        from pyroute2 import IPRoute  # deferred: pyroute2 is heavy and only TPROXY needs it
+
+        if self.netns is None:
+            self.ipr = IPRoute()
+            return self.ipr
+        try:
+            self.fd = os.open(self.netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RoutesError(f"cannot open network namespace {self.netns}: {e.strerror}") from e
+        try:
+            # An open fd, and flags=0: pyroute2 must never create a namespace that is not there.
+            self.ipr = IPRoute(netns=self.fd, flags=0)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = None
+            raise
+        return self.ipr
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.ipr is not None:
+                self.ipr.close()
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
 
 def _lo(ipr: Any) -> int:

@@ -5,9 +5,10 @@ The planner produces these; the renderer and the appliers consume them without d
 
 from __future__ import annotations
 
-import enum
-import ipaddress
-from dataclasses import dataclass, field
+from .lean import TYPE_CHECKING, Enum, NamedTuple
+
+if TYPE_CHECKING:
+    import ipaddress
 
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
@@ -25,7 +26,7 @@ ISTIO_CHAINS = (
 )
 
 
-class Family(enum.Enum):
+class Family(Enum):
     """An IP family, with the few facts that differ between IPv4 and IPv6 rules."""
 
     V4 = 4
@@ -49,8 +50,7 @@ class Family(enum.Enum):
         return "127.0.0.6/32" if self is Family.V4 else "::6/128"
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     """One iptables rule: where it goes, what it matches, and its target.
 
     ``position`` is ``None`` for an append (``-A``) and a 1-based index for an insert (``-I``).
@@ -78,8 +78,7 @@ class Rule:
         return self.target.startswith("ISTIO_")
 
 
-@dataclass(frozen=True)
-class PolicyRoute:
+class PolicyRoute(NamedTuple):
     """TPROXY policy routing: ``ip rule fwmark MARK lookup TABLE`` plus a local default route on lo."""
 
     family: Family
@@ -87,8 +86,7 @@ class PolicyRoute:
     table: int
 
 
-@dataclass(frozen=True)
-class FamilyRules:
+class FamilyRules(NamedTuple):
     """All rules of one IP family, in the order they must be applied."""
 
     family: Family
@@ -114,15 +112,14 @@ class FamilyRules:
         return list(seen)
 
 
-@dataclass(frozen=True)
-class Ruleset:
+class Ruleset(NamedTuple):
     """What the planner decided: the rules per family and the routing TPROXY needs."""
 
     v4: FamilyRules
     v6: FamilyRules | None = None
     routes: tuple[PolicyRoute, ...] = ()
     # Addresses to add on lo (``::6/128`` when IPv6 is enabled, as Istio does).
-    loopback_addresses: tuple[ipaddress.IPv6Interface | ipaddress.IPv4Interface, ...] = field(default=())
+    loopback_addresses: tuple[ipaddress.IPv6Interface | ipaddress.IPv4Interface, ...] = ()
 
     @property
     def families(self) -> list[FamilyRules]:

@@ -13,13 +13,14 @@ invisible to packets, read back with iptables-save, and removed in the COMMIT th
 
 from __future__ import annotations
 
-import re
-import shlex
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 
+from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import BUILTIN_CHAINS, ISTIO_CHAINS
+
+if TYPE_CHECKING:
+    import re
+    from collections.abc import Callable, Iterable, Mapping
 
 OUR_CHAINS = frozenset(ISTIO_CHAINS)
 CHECK_PREFIX = "ISTIO_CHK_"
@@ -28,7 +29,6 @@ _JUMP_FLAGS = frozenset({"-j", "--jump", "-g", "--goto"})
 MAX_CHAIN_NAME = 28
 
 
-@dataclass
 class Table:
     """One table of an iptables-save dump: chain policies and each chain's rule specifications.
 
@@ -36,13 +36,29 @@ class Table:
     is also what ``-D CHAIN <spec>`` accepts.
     """
 
-    chains: dict[str, str] = field(default_factory=dict)
-    rules: dict[str, list[str]] = field(default_factory=dict)
+    __slots__ = ("chains", "rules")
+
+    def __init__(
+        self, chains: dict[str, str] | None = None, rules: dict[str, list[str]] | None = None
+    ) -> None:
+        self.chains: dict[str, str] = {} if chains is None else chains
+        self.rules: dict[str, list[str]] = {} if rules is None else rules
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Table):
+            return NotImplemented
+        return self.chains == other.chains and self.rules == other.rules
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"Table(chains={self.chains!r}, rules={self.rules!r})"
 
 
 State = dict[str, Table]
 # (table, built-in chain) -> rule specifications, in iptables-save form
-Known = Mapping[tuple[str, str], frozenset[str]]
+if TYPE_CHECKING:
+    Known = Mapping[tuple[str, str], frozenset[str]]
 
 
 def parse_save(text: str) -> State:
@@ -69,6 +85,8 @@ def parse_save(text: str) -> State:
 
 def jump_target(spec: str) -> str | None:
     """The chain or target a rule specification jumps or goes to, if any."""
+    import shlex  # deferred: a fresh namespace has no rules to read
+
     try:
         tokens = shlex.split(spec)
     except ValueError:
@@ -90,7 +108,6 @@ def holds_rules(state: State) -> bool:
     return False
 
 
-@dataclass(frozen=True)
 class Ours:
     """What this tool owns in one family's state.
 
@@ -98,8 +115,25 @@ class Ours:
     ``builtin``: table -> built-in chain -> (0-based index in that chain, specification) of our rules.
     """
 
-    chains: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
-    builtin: dict[str, dict[str, tuple[tuple[int, str], ...]]] = field(default_factory=dict)
+    __slots__ = ("chains", "builtin")
+
+    def __init__(
+        self,
+        chains: dict[str, dict[str, tuple[str, ...]]] | None = None,
+        builtin: dict[str, dict[str, tuple[tuple[int, str], ...]]] | None = None,
+    ) -> None:
+        self.chains: dict[str, dict[str, tuple[str, ...]]] = {} if chains is None else chains
+        self.builtin: dict[str, dict[str, tuple[tuple[int, str], ...]]] = {} if builtin is None else builtin
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ours):
+            return NotImplemented
+        return self.chains == other.chains and self.builtin == other.builtin
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts
+
+    def __repr__(self) -> str:
+        return f"Ours(chains={self.chains!r}, builtin={self.builtin!r})"
 
     @property
     def empty(self) -> bool:
@@ -204,8 +238,7 @@ def _rewrite_targets(tokens: list[str], names: Mapping[str, str]) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class CheckLoad:
+class CheckLoad(NamedTuple):
     """A document that loads check copies of expected rules, and what each of its lines came from."""
 
     document: str
@@ -262,7 +295,17 @@ def check_document(
     return CheckLoad("".join(line + "\n" for line in out), origins, names)
 
 
-_CHECK_TARGET = re.compile(r"(?<=-j |-g )" + CHECK_PREFIX + r"\S+")
+_CHECK_TARGET: re.Pattern[str] | None = None
+
+
+def _check_target() -> re.Pattern[str]:
+    """Matches a jump to a check chain (compiled on first use: only re-runs compare rules)."""
+    global _CHECK_TARGET
+    if _CHECK_TARGET is None:
+        import re
+
+        _CHECK_TARGET = re.compile(r"(?<=-j |-g )" + CHECK_PREFIX + r"\S+")
+    return _CHECK_TARGET
 
 
 def _renamer(back: Mapping[str, str]) -> Callable[[re.Match[str]], str]:
@@ -279,7 +322,8 @@ def expected_from_checks(state: State, names: Mapping[tuple[str, str], str]) -> 
     for (table, orig), chk in names.items():
         specs = state.get(table, Table()).rules.get(chk, [])
         rename = _renamer({chk: orig for (t, orig), chk in names.items() if t == table})
-        real = tuple(_CHECK_TARGET.sub(rename, s) for s in specs)
+        pattern = _check_target()
+        real = tuple(pattern.sub(rename, s) for s in specs)
         if orig in BUILTIN_CHAINS:
             if real:
                 builtin.setdefault(table, {})[orig] = tuple(enumerate(real))
@@ -314,12 +358,24 @@ def describe_drift(current: Ours, expected: Ours, limit: int = 12) -> list[str]:
     return lines
 
 
-@dataclass
 class Section:
     """What one table should hold afterwards: chains to exist and the rule lines that fill them."""
 
-    chains: list[str] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    __slots__ = ("chains", "lines")
+
+    def __init__(self, chains: list[str] | None = None, lines: list[str] | None = None) -> None:
+        self.chains: list[str] = [] if chains is None else chains
+        self.lines: list[str] = [] if lines is None else lines
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Section):
+            return NotImplemented
+        return self.chains == other.chains and self.lines == other.lines
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"Section(chains={self.chains!r}, lines={self.lines!r})"
 
 
 def parse_restore(doc: str) -> dict[str, Section]:

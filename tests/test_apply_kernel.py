@@ -6,7 +6,6 @@ iptables-restore into a fresh namespace and read back with iptables-save.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -38,8 +37,8 @@ CLASSIC = Config(
     outbound_ip_ranges_include=CidrSpec(wildcard=True),
     enable_ipv6=True,
 )
-TPROXY = dataclasses.replace(CLASSIC, interception_mode=InterceptionMode.TPROXY)
-OTHER = dataclasses.replace(CLASSIC, inbound_ports_exclude=(15090,), outbound_ports_exclude=(9000,))
+TPROXY = CLASSIC._replace(interception_mode=InterceptionMode.TPROXY)
+OTHER = CLASSIC._replace(inbound_ports_exclude=(15090,), outbound_ports_exclude=(9000,))
 
 NewNS = Callable[..., NetNS]
 
@@ -155,7 +154,7 @@ def test_detection_follows_the_rules_already_in_the_namespace(
     ns = netns("pod")
     if seed is not None:
         ns.run([f"iptables-{seed}", "-t", "filter", "-A", "INPUT", "-s", "192.0.2.1", "-j", "ACCEPT"])
-    rs = plan(dataclasses.replace(CLASSIC, enable_ipv6=False))
+    rs = plan(CLASSIC._replace(enable_ipv6=False))
     with caplog.at_level(logging.INFO, logger="istio_iptables"):
         apply(rs, opts(ns, None))
     chosen = "legacy" if seed == "legacy" else "nft"
@@ -201,6 +200,12 @@ class _Counting(RealExecutor):
         return super().run(argv, **kw)
 
 
+def _prog(argv: tuple[str, ...]) -> str:
+    """The program a command runs (the applier runs them from inside the namespace: no nsenter)."""
+    assert argv[0] != "nsenter", argv
+    return os.path.basename(argv[0])
+
+
 @pytest.mark.parametrize("variant", [None, "iptables-nft", "iptables-legacy"])
 def test_a_fresh_namespace_costs_one_restore_per_family(netns: NewNS, variant: str | None) -> None:
     # Neither detection nor the state check runs iptables-save where the kernel shows no table
@@ -208,12 +213,12 @@ def test_a_fresh_namespace_costs_one_restore_per_family(netns: NewNS, variant: s
     ns = netns("pod")
     ex = _Counting()
     apply(plan(CLASSIC), opts(ns, variant), ex)
-    programs = [os.path.basename(a[3]) for a in ex.argvs]
+    programs = [_prog(a) for a in ex.argvs]
     chosen = "legacy" if variant == "iptables-legacy" else "nft"
     assert programs == [f"iptables-{chosen}-restore", f"ip6tables-{chosen}-restore"], ex.argvs
     ex2 = _Counting()
     apply(plan(CLASSIC), opts(ns, variant), ex2)
-    saves = {os.path.basename(a[3]) for a in ex2.argvs if a[3].endswith("-save")}
+    saves = {_prog(a) for a in ex2.argvs if _prog(a).endswith("-save")}
     assert {f"iptables-{chosen}-save", f"ip6tables-{chosen}-save"} <= saves
     for fr in plan(CLASSIC).families:
         assert ours(ns, fr.family, chosen, fr, netns) == expected(netns, fr, chosen).view()
@@ -227,7 +232,7 @@ def test_cleanup_reads_only_backends_that_have_tables(netns: NewNS) -> None:
     apply(plan(CLASSIC), opts(ns, None))
     ex = _Counting()
     cleanup(opts(ns, None), ex, ruleset=plan(CLASSIC))
-    programs = {os.path.basename(a[3]) for a in ex.argvs}
+    programs = {_prog(a) for a in ex.argvs}
     assert {"iptables-nft-save", "ip6tables-nft-save", "iptables-nft-restore"} <= programs, ex.argvs
     assert not any("legacy" in p for p in programs), ex.argvs  # no legacy table was ever made
     assert all(st.find_ours(st.parse_save(saved(ns, f, v))).empty for f in Family for v in BACKENDS)
@@ -291,7 +296,7 @@ def test_drift_is_refused_then_reconciled(netns: NewNS, variant: str) -> None:
 def test_leftover_ipv6_rules_are_drift_for_an_ipv4_only_configuration(netns: NewNS) -> None:
     ns = netns("pod")
     apply(plan(CLASSIC), opts(ns, "nft"))
-    v4_only = dataclasses.replace(CLASSIC, enable_ipv6=False)
+    v4_only = CLASSIC._replace(enable_ipv6=False)
     with pytest.raises(ApplyError, match="IPv6 .*chain present but not expected"):
         apply(plan(v4_only), opts(ns, "nft"))
     apply(plan(v4_only), opts(ns, "nft", reconcile=True))
@@ -331,7 +336,7 @@ def _bad_v6(rs: Ruleset) -> Ruleset:
     """rs with a v6 document the kernel rejects at COMMIT (TPROXY is a mangle-only target)."""
     assert rs.v6 is not None
     bad = Rule("nat", "ISTIO_OUTPUT", ("-p", "tcp"), "TPROXY", ("--on-port", "15006", "--tproxy-mark", "1/1"))
-    return dataclasses.replace(rs, v6=FamilyRules(Family.V6, (*rs.v6.rules, bad)))
+    return rs._replace(v6=FamilyRules(Family.V6, (*rs.v6.rules, bad)))
 
 
 @pytest.mark.parametrize("variant", BACKENDS)
@@ -535,7 +540,7 @@ def test_restore_sees_only_local_files_for_owner_lookups(netns: NewNS) -> None:
     if host is not None:
         assert Path("/etc/nsswitch.conf").read_text() == host, "the host's file must be untouched"
     # Owner names resolve from /etc/group through the same path.
-    cfg = dataclasses.replace(CLASSIC, proxy_gids=("root",), enable_ipv6=False)
+    cfg = CLASSIC._replace(proxy_gids=("root",), enable_ipv6=False)
     apply(plan(cfg), opts(ns, "nft"))
     assert "--gid-owner 0 -j RETURN" in saved(ns, Family.V4, "nft")
 
@@ -547,7 +552,7 @@ def test_validation_passes_with_the_rules_and_fails_with_126_without(netns: NewN
     from istio_iptables.validation import EXIT_CODE, MESSAGE, validate
 
     ns = netns("pod")
-    cfg = dataclasses.replace(CLASSIC, enable_ipv6=False)
+    cfg = CLASSIC._replace(enable_ipv6=False)
     o = opts(ns, "nft", run_validation=True, probe_timeout=2.0)
     with pytest.raises(ApplyError) as e:
         validate(cfg, o)

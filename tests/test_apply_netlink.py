@@ -183,18 +183,39 @@ def test_a_file_that_is_not_a_namespace_is_refused(tmp_path: Path) -> None:
         nl.in_netns(str(f), lambda: 1)
 
 
-def test_the_function_runs_in_another_thread_and_its_errors_reach_the_caller(
+def test_the_calling_thread_enters_and_returns_also_when_the_function_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    entered: list[int] = []
-    monkeypatch.setattr(nl, "_setns", lambda fd: entered.append(threading.get_ident()))
-    assert nl.in_netns("/proc/self/ns/net", threading.get_ident) == entered[0] != threading.get_ident()
+    calls: list[tuple[int, int]] = []
+
+    def fake_setns(fd: int) -> None:
+        calls.append((threading.get_ident(), os.fstat(fd).st_ino))
+
+    monkeypatch.setattr(nl, "_setns", fake_setns)
+    target = os.stat("/proc/self/ns/net").st_ino
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+    me = threading.get_ident()
+    assert nl.in_netns("/proc/self/ns/net", lambda: len(calls)) == 1
+    assert calls == [(me, target), (me, home)]
 
     def fail() -> int:
         raise ValueError("inside")
 
+    calls.clear()
     with pytest.raises(ValueError, match="inside"):
         nl.in_netns("/proc/self/ns/net", fail)
+    assert calls == [(me, target), (me, home)]
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        nl.in_netns("/proc/self/ns/net", lambda: None)
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_entering_a_missing_namespace_is_an_error_and_changes_nothing(tmp_path: Path) -> None:
+    before = os.stat("/proc/thread-self/ns/net").st_ino
+    with pytest.raises(nl.NetlinkError, match="cannot open network namespace"):
+        nl.in_netns(str(tmp_path / "gone"), lambda: None)
+    assert os.stat("/proc/thread-self/ns/net").st_ino == before
 
 
 def test_netlink_module_uses_the_standard_library_only() -> None:
@@ -342,3 +363,16 @@ def test_an_address_the_kernel_refuses_is_a_routes_error(monkeypatch: pytest.Mon
     monkeypatch.setattr(routes.netlink, "add_address", refuse)
     with pytest.raises(routes.RoutesError, match=r"^adding ::6/128 on lo: Permission denied$"):
         routes.apply_routes([], [V6], None)
+
+
+def test_setns_is_bound_without_the_ctypes_package() -> None:
+    code = (
+        "import errno, os, sys\n"
+        "from istio_iptables import netlink as nl\n"
+        "setns = nl._bind_setns()\n"
+        "assert 'ctypes' not in sys.modules, 'fell back to ctypes'\n"
+        "assert setns(-1, nl.CLONE_NEWNET) == -1 and nl._errno() == errno.EBADF\n"
+        "fd = os.open('/proc/self/ns/net', os.O_RDONLY)\n"
+        "nl._setns(fd)  # entering the namespace it is in already works (as root)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(nl.__file__).parent.parent)

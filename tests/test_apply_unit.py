@@ -343,7 +343,7 @@ def _netns_path() -> str:
 
 @pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")
 def test_fresh_apply_is_one_restore_of_the_rendered_document_per_family() -> None:
-    rs = plan(Config(**{**CLASSIC.__dict__, "enable_ipv6": False}))
+    rs = plan(CLASSIC._replace(enable_ipv6=False))
     ex = RecordingExecutor()
     ap.apply(rs, ApplyOptions(network_namespace=_netns_path()), ex, lock_wait=7)
     argvs = [c[0] for c in ex.calls]

@@ -284,9 +284,14 @@ def test_containerfile(name: str) -> None:
     if name == "istio-iptables":
         assert re.search(r"install .*\biptables\b", final), "iptables (nft and legacy) from Debian"
         assert "iptables-legacy --version" in final and "iptables-nft --version" in final
-    # The console script exists in the package metadata.
-    scripts = VERSION["options.entry_points"]["console_scripts"]
-    assert re.search(rf"^{re.escape(name)} =", scripts, re.M)
+    # The package installs the command: a console script, or one of its own scripts.
+    entry_points = VERSION["options.entry_points"]["console_scripts"]
+    scripts = VERSION["options"].get("scripts", "")
+    assert re.search(rf"^{re.escape(name)} =", entry_points, re.M) or re.search(
+        rf"/{re.escape(name)}$", scripts, re.M
+    )
+    for line in scripts.split():
+        assert (ROOT / line).read_text().startswith("#!python\n"), line
 
 
 # --- the example pods -------------------------------------------------------------------------

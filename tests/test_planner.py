@@ -54,7 +54,7 @@ def test_classic_rules_in_istio_order() -> None:
 
 
 def test_ipv6_uses_the_same_steps_with_ipv6_values() -> None:
-    rs = plan(Config(**{**CLASSIC.__dict__, "enable_ipv6": True}))
+    rs = plan(CLASSIC._replace(enable_ipv6=True))
     assert rs.v6 is not None
     v4, v6 = lines(rs.v4), lines(rs.v6)
     assert len(v4) == len(v6)
@@ -116,7 +116,7 @@ def test_insert_renders_with_position() -> None:
 
 
 def test_render_layout() -> None:
-    out = render_dry_run(plan(Config(**{**CLASSIC.__dict__, "enable_ipv6": True})))
+    out = render_dry_run(plan(CLASSIC._replace(enable_ipv6=True)))
     assert out.startswith("# iptables-restore\n* nat\n-N ISTIO_INBOUND\n")
     assert out.count("# ip6tables-restore\n") == 1
     assert out.endswith("COMMIT\n")
@@ -162,7 +162,7 @@ configs = st.builds(
     Config,
     proxy_uids=owners,
     proxy_gids=owners,
-    interception_mode=st.sampled_from(InterceptionMode),
+    interception_mode=st.sampled_from(list(InterceptionMode)),
     inbound_ports=st.one_of(st.just(PortSpec(wildcard=True)), st.builds(PortSpec, ports=ports)),
     inbound_ports_exclude=ports,
     exclude_interfaces=ifaces,
