@@ -6,28 +6,37 @@ Arguments are read the way Istio's Go flag parser (pflag) reads them: ``--flag v
 
 click is imported only for ``--help`` and for usage errors: once normalize_argv has rewritten the
 arguments as ``--name=value``, reading them needs no parser, and the start-up of every pod's
-init container does not pay for one.
+init container does not pay for one. Nor for ``logging`` (with what it imports, a few ms): while
+a command runs, its records and the applier's go through a lazylog sink that writes Istio's log
+lines itself (see _IstioLog).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import time
 
-from .config import ApplyOptions, Config, ConfigError
-from .environment import DetectionError, Machine
-from .options import BY_KEY, BY_SHORT, ENV_ONLY, FLAGS, Kind, LogSettings, OptionDef, load, log_settings
+from . import lazylog
+from .config import ConfigError
+from .environment import DetectionError
+from .lean import TYPE_CHECKING
+from .options import BY_KEY, BY_SHORT, ENV_ONLY, FLAGS, Kind, load, log_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any
+
     import click
+
+    from .config import ApplyOptions, Config
+    from .environment import Machine
+    from .options import LogSettings, OptionDef
 
 PROG_IPTABLES = "istio-iptables"
 PROG_CLEAN = "istio-clean-iptables"
 
-_log = logging.getLogger("istio_iptables")
+_log = lazylog.get_logger("istio_iptables")
 _NEGATIONS = {o.negation: o for o in FLAGS if o.negation}
 
 
@@ -195,60 +204,52 @@ _SUMMARIES = {
 }
 
 
-class _Formatter(logging.Formatter):
-    """Istio's log line: ``<RFC3339 time>\\t<level>\\t<message>`` (or one JSON object per line)."""
+# lazylog's level names: their number (as LogSettings.level counts them, like ``logging``) and
+# the name Istio's log line gives them.
+_LEVELS = {"debug": (10, "debug"), "info": (20, "info"), "warning": (30, "warn"), "error": (40, "error")}
 
-    _LEVELS = {"WARNING": "warn", "CRITICAL": "fatal"}
 
-    def __init__(self, as_json: bool) -> None:
-        super().__init__()
-        self.as_json = as_json
+class _IstioLog:
+    """The lazylog sink a command's records go to while it runs: those at or above the configured
+    level, as Istio's log line ``<RFC3339 time>\\t<level>\\t<message>`` (or one JSON object per
+    line), written to whatever sys.stderr is at the time (tests swap it)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        when = _rfc3339(record.created)
-        level = self._LEVELS.get(record.levelname, record.levelname.lower())
-        msg = record.getMessage()
+    __slots__ = ("threshold", "as_json")
+
+    def __init__(self, settings: LogSettings) -> None:
+        self.threshold = settings.level
+        self.as_json = settings.json
+
+    def __call__(self, level: str, msg: str) -> None:
+        value, name = _LEVELS.get(level, (40, level))
+        if value < self.threshold:
+            return
+        when = _rfc3339(time.time())
         if self.as_json:
             import json
 
-            return json.dumps({"level": level, "time": when, "msg": msg})
-        return f"{when}\t{level}\t{msg}"
+            line = json.dumps({"level": name, "time": when, "msg": msg})
+        else:
+            line = f"{when}\t{name}\t{msg}"
+        # A log line that cannot be written (stderr closed or gone) must not fail the command;
+        # logging's handlers swallow that too. contextlib.suppress would be one more import.
+        try:  # noqa: SIM105
+            sys.stderr.write(line + "\n")
+        except Exception:  # pragma: no cover
+            pass
 
 
 def _rfc3339(created: float) -> str:
     """``created`` as UTC with microseconds, rounded as ``datetime.fromtimestamp`` rounds them
-    (datetime itself is not needed for that)."""
-    import math
-    import time
-
-    frac, whole = math.modf(created)
-    micros = round(frac * 1e6)
+    (datetime itself is not needed for that, nor math: ``created - int(created)`` is exactly the
+    fraction math.modf would give)."""
+    whole = int(created)
+    micros = round((created - whole) * 1e6)
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
     elif micros < 0:
         whole, micros = whole - 1, micros + 1_000_000
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to whatever sys.stderr is at the time (tests swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-        except Exception:  # pragma: no cover - logging must never raise
-            self.handleError(record)
-
-
-def _configure_logging(settings: LogSettings) -> None:
-    for h in list(_log.handlers):
-        if isinstance(h, _StderrHandler):
-            _log.removeHandler(h)
-    handler = _StderrHandler()
-    handler.setFormatter(_Formatter(settings.json))
-    _log.addHandler(handler)
-    _log.setLevel(settings.level)
-    _log.propagate = False
 
 
 def _error(message: str) -> None:
@@ -284,7 +285,24 @@ def parse(
     machine: Machine | None = None,
 ) -> tuple[Config, ApplyOptions] | int:
     """Parse the command line and environment: the configuration, or an exit status (0 after
-    --help, 1 after printing the one-line error)."""
+    --help, 1 after printing the one-line error). Its log records go to stderr as the logging
+    options say, as in ``run``."""
+    previous = lazylog.get_sink()
+    try:
+        return _parse(prog, argv, env, machine)
+    finally:
+        lazylog.set_sink(previous)
+
+
+def _parse(
+    prog: str,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    machine: Machine | None,
+) -> tuple[Config, ApplyOptions] | int:
+    """``parse``, leaving the command's log sink installed from the moment the logging options are
+    known; records logged before that go wherever they went before the call. The caller puts the
+    previous sink back."""
     env = os.environ if env is None else env
     read = _values_without_click(argv)
     if read is not None:
@@ -295,7 +313,7 @@ def parse(
             return parsed
         values, positional = parsed
     try:
-        _configure_logging(log_settings(values, env))
+        lazylog.set_sink(_IstioLog(log_settings(values, env)))
         cfg, opts = load(values, env, machine)
     except (ConfigError, DetectionError) as e:
         _error(str(e))
@@ -332,14 +350,19 @@ def run(
     env: Mapping[str, str] | None = None,
     machine: Machine | None = None,
 ) -> int:
-    """One invocation of ``prog``; returns the exit status."""
-    parsed = parse(prog, argv, env, machine)
-    if isinstance(parsed, int):
-        return parsed
-    cfg, opts = parsed
-    if prog == PROG_CLEAN:
-        return _clean(cfg, opts)
-    return _iptables(cfg, opts)
+    """One invocation of ``prog``; returns the exit status. Its log records, and the applier's, go
+    to stderr as the logging options say; the previous lazylog sink is back when it returns."""
+    previous = lazylog.get_sink()
+    try:
+        parsed = _parse(prog, argv, env, machine)
+        if isinstance(parsed, int):
+            return parsed
+        cfg, opts = parsed
+        if prog == PROG_CLEAN:
+            return _clean(cfg, opts)
+        return _iptables(cfg, opts)
+    finally:
+        lazylog.set_sink(previous)
 
 
 def _iptables(cfg: Config, opts: ApplyOptions) -> int:

@@ -6,22 +6,40 @@ logger without importing ``logging`` first, so while it is not imported, debug a
 would be dropped anyway (the root logger's default level is WARNING); warnings and errors load it
 and go through it as before (to the configured handlers, or to ``logging.lastResort`` on stderr).
 Once ``logging`` is imported, every call is passed on unchanged.
+
+A program with its own log format installs a sink (``set_sink``) instead: then every record goes
+to it, formatted, and ``logging`` is not involved at all.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
-# An embedding program with its own logger (the CNI plugin) routes the applier's records here:
-# sink(level, message) with level one of "debug", "info", "warning", "error".
-_sink: Callable[[str, str], None] | None = None
+from .lean import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Sink = Callable[[str, str], None]
+
+# An embedding program with its own logger (the CNI plugin, the istio-iptables command while it
+# runs) routes the records here: sink(level, message) with level one of "debug", "info",
+# "warning", "error" and the message already formatted.
+_sink: Sink | None = None
 
 
-def set_sink(sink: Callable[[str, str], None] | None) -> None:
-    """Send every record of these loggers to ``sink`` instead of ``logging``."""
+def set_sink(sink: Sink | None) -> Sink | None:
+    """Send every record of these loggers to ``sink`` instead of ``logging`` (None: back to
+    ``logging``). Returns the sink it replaces, for a caller that installs one only for a while
+    (the istio-iptables command, called in-process by tests) to put back."""
     global _sink
-    _sink = sink
+    previous, _sink = _sink, sink
+    return previous
+
+
+def get_sink() -> Sink | None:
+    """The sink installed now (None: records go to ``logging``)."""
+    return _sink
 
 
 def _to_sink(level: str, msg: str, args: tuple[object, ...]) -> bool:
