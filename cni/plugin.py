@@ -50,6 +50,7 @@ from cni.protocol import (
     render_result,
     version_info,
 )
+from istio_iptables.lean import exit_now
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -495,4 +496,4 @@ def main() -> None:
     sys.stdout = sys.stderr
     code = run(os.environ, sys.stdin.buffer, stdout, sys.stderr)
     stdout.flush()
-    sys.exit(code)
+    exit_now(code)

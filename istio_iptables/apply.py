@@ -3,7 +3,9 @@
 The applier of both the init container (``istio-iptables``) and the CNI plugin. It makes no rule
 decisions: the rules come from the planner, the restore text from the renderer. What it adds:
 
-- target: the current namespace or ``--network-namespace``, entered by the child process only;
+- target: the current namespace or ``--network-namespace``, which the applying thread enters for
+  the run and leaves at the end (netlink.entered), so the restores it spawns start there and no
+  nsenter process is spent per command (commands of a recording executor carry nsenter instead);
 - backend: legacy or nft per family (backend.py), logged;
 - atomic: one ``iptables-restore --noflush --wait=N`` per family; in CNI mode the xtables lock is
   the pod's own namespace file (XTABLES_LOCKFILE), not the node's global lock;
@@ -12,7 +14,7 @@ decisions: the rules come from the planner, the restore text from the renderer. 
   is drift (an error unless --reconcile or --force-apply, which replace ours in the same COMMIT);
 - no network name-service lookups: when nsswitch.conf could reach the network for passwd/group
   (sss, ldap, nis, winbind, compat...; not files or systemd), iptables-restore runs with those
-  lookups limited to local files (nsexec.py); otherwise plain nsenter;
+  lookups limited to local files (nsexec.py); otherwise the restore binary is run directly;
 - loopback addresses (``::6``) through one standard-library netlink request (netlink.py), TPROXY
   policy routing through pyroute2 (routes.py, imported only when the Ruleset needs it).
 """

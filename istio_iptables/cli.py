@@ -20,7 +20,7 @@ import time
 from . import lazylog
 from .config import ConfigError
 from .environment import DetectionError
-from .lean import TYPE_CHECKING
+from .lean import TYPE_CHECKING, exit_now
 from .options import BY_KEY, BY_SHORT, ENV_ONLY, FLAGS, Kind, load, log_settings
 
 if TYPE_CHECKING:
@@ -415,9 +415,9 @@ def _clean(cfg: Config, opts: ApplyOptions) -> int:
 
 def iptables_main() -> None:
     """Console script ``istio-iptables``."""
-    sys.exit(run(PROG_IPTABLES, sys.argv[1:]))
+    exit_now(run(PROG_IPTABLES, sys.argv[1:]))
 
 
 def clean_main() -> None:
     """Console script ``istio-clean-iptables`` (same options as istio-iptables)."""
-    sys.exit(run(PROG_CLEAN, sys.argv[1:]))
+    exit_now(run(PROG_CLEAN, sys.argv[1:]))

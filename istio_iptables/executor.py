@@ -1,7 +1,8 @@
 """The one seam through which every external command runs: a real executor and a recording one.
 
-Commands are argv lists, never shell strings. Entering a network namespace is done by prefixing
-util-linux ``nsenter --net=PATH --`` so only the child changes namespace.
+Commands are argv lists, never shell strings. ``in_netns`` prefixes util-linux ``nsenter --net=PATH
+--`` where only the child should run in another network namespace (the applier instead enters the
+namespace itself for its run, see apply.py).
 
 The CNI plugin and the init container import this module on every pod start, so it imports
 neither ``typing`` nor ``dataclasses``, and the real executor does not use ``subprocess`` (which

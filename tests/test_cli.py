@@ -789,3 +789,18 @@ def test_applying_does_not_import_click() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert "Error: unknown flag: --bogus" in p.stderr
+
+
+def test_the_command_ends_without_losing_buffered_output(venv_bin: Path) -> None:
+    # The commands skip the interpreter's shutdown (lean.exit_now): a large dry run must still
+    # arrive whole through a pipe, and the exit status must be the command's.
+    cidrs = ",".join(f"10.{i // 250}.{i % 250}.0/24" for i in range(4000))
+    argv = [str(venv_bin / "istio-iptables"), "-p", "15001", "-u", "1337", "-x", cidrs, "--dry-run"]
+    got = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert got.returncode == 0, got.stderr
+    want = io.StringIO()
+    with redirect_stdout(want), redirect_stderr(io.StringIO()):
+        assert cli.run(PROG_IPTABLES, argv[1:], env={}) == 0
+    assert got.stdout == want.getvalue() and got.stdout.count("-j RETURN") >= 4000
+    bad = subprocess.run([*argv[:2], "--envoy-port=0", "--dry-run"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and bad.stdout == "" and "--envoy-port" in bad.stderr
