@@ -219,30 +219,28 @@ class _Target:
         if not isinstance(self.executor, RealExecutor):
             return None
         if self._tables is None:
-            from .netlink import NetlinkError, in_netns
-
-            try:
-                self._tables = in_netns(self.cmd_netns, table_presence)
-            except NetlinkError as e:
-                log.debug("cannot look at the namespace's tables directly: %s", e)
-                self._tables = {}
+            # Real commands run from inside the target namespace (run_inside), so this thread
+            # looks at the namespace's own tables.
+            self._tables = table_presence()
         return self._tables.get((family, variant))
 
     def legacy_tables(self, family: Family) -> bool | None:
         return self.has_tables(family, backends.LEGACY)
 
-    def vanished(self) -> bool:
-        """True when the namespace file no longer names the namespace this thread is in (the
-        runtime deleted it while we worked inside)."""
+    def deleted_error(self) -> ApplyError | None:
+        """The error to report when the namespace file no longer names the namespace this thread
+        is in (the runtime deleted it while we worked inside); None while it does."""
         if not self.inside or self.netns is None:
-            return False
+            return None
         try:
             there, here = os.stat(self.netns), os.stat("/proc/thread-self/ns/net")
         except FileNotFoundError:
-            return True
+            there = None
         except OSError:
-            return False
-        return (there.st_dev, there.st_ino) != (here.st_dev, here.st_ino)
+            return None
+        if there is not None and (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
+            return None
+        return ApplyError(f"network namespace {self.netns}: deleted while applying", 1, NETNS)
 
     def run_inside(self, fn: Callable[[], None]) -> None:
         """``fn()`` with the calling thread inside the target namespace when commands run for real
@@ -559,12 +557,14 @@ def _apply(target: _Target, rs: Ruleset, opts: ApplyOptions) -> None:
         try:
             routes.apply_routes(rs.routes, rs.loopback_addresses, opts.network_namespace)
         except routes.RoutesError as e:
-            if target.vanished():
-                raise ApplyError(f"network namespace {target.netns}: deleted while applying", 1, NETNS) from e
+            gone = target.deleted_error()
+            if gone is not None:
+                raise gone from e
             _put_back(target, families)
             raise ApplyError(f"{_routing_what(rs)}: {e}", 1, ROUTES) from e
-    if target.vanished():
-        raise ApplyError(f"network namespace {target.netns}: deleted while applying", 1, NETNS)
+    gone = target.deleted_error()
+    if gone is not None:
+        raise gone
     log.info("iptables rules are in place")
 
 

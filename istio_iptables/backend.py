@@ -8,8 +8,7 @@ so the choice and its reason are always logged.
 
 from __future__ import annotations
 
-import os
-
+from .executor import which as path_which
 from .lazylog import get_logger
 from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import Family
@@ -21,29 +20,6 @@ if TYPE_CHECKING:
     from .executor import Completed
 
 log = get_logger(__name__)
-
-
-def path_which(name: str) -> str | None:
-    """The first executable ``name`` on PATH, as ``shutil.which`` finds it on Linux (shutil itself
-    loads the compression modules at import; this runs on every pod start)."""
-    if os.sep in name:
-        return name if _executable(name) else None
-    path = os.environ.get("PATH", os.defpath)
-    if not path:
-        return None
-    seen: set[str] = set()
-    for directory in path.split(os.pathsep):
-        if directory in seen:
-            continue
-        seen.add(directory)
-        candidate = os.path.join(directory, name)
-        if _executable(candidate):
-            return candidate
-    return None
-
-
-def _executable(path: str) -> bool:
-    return os.path.exists(path) and os.access(path, os.X_OK) and not os.path.isdir(path)
 
 
 LEGACY = "legacy"

@@ -112,7 +112,7 @@ class RealExecutor:
             # glibc searches this process's PATH; subprocess searches the one the child gets.
             path = child_env.get("PATH", os.defpath)
             if os.sep not in program and path != os.environ.get("PATH", os.defpath):
-                found = _which(program, path)
+                found = which(program, path)
                 if found is None:
                     raise CommandNotFound(program)
                 program, spawn = found, os.posix_spawn
@@ -304,13 +304,29 @@ def _text(chunks: list[bytes]) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-def _which(name: str, path: str) -> str | None:
-    """The first executable ``name`` in the directories of ``path``, as execvpe finds it."""
+def which(name: str, path: str | None = None) -> str | None:
+    """The first executable ``name`` on ``path`` (default: this process's PATH, where an empty
+    PATH finds nothing), as ``shutil.which`` finds it on Linux (shutil itself loads the
+    compression modules at import; this runs on every pod start)."""
+    if os.sep in name:
+        return name if _executable(name) else None
+    if path is None:
+        path = os.environ.get("PATH", os.defpath)
+        if not path:
+            return None
+    seen: set[str] = set()
     for directory in path.split(os.pathsep):
+        if directory in seen:
+            continue
+        seen.add(directory)
         candidate = os.path.join(directory, name)
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+        if _executable(candidate):
             return candidate
     return None
+
+
+def _executable(path: str) -> bool:
+    return os.path.exists(path) and os.access(path, os.X_OK) and not os.path.isdir(path)
 
 
 class RecordingExecutor:
