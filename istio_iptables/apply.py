@@ -258,11 +258,26 @@ class _Target:
             inside.__exit__(None, None, None)
 
     def _run(self, argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> Completed:
+        return self._start(argv, stdin, env)()
+
+    def _start(
+        self, argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> Callable[[], Completed]:
+        """Start ``argv``; the returned function waits for it. Commands run one at a time unless
+        the executor can start them (the real one can), so a recorded run keeps its order."""
         log.debug("running %s", " ".join(argv))
+        timeout = self.lock_wait + _CHILD_GRACE
+        start = getattr(self.executor, "start", None)
         try:
-            res = self.executor.run(argv, stdin=stdin, env=env, timeout=self.lock_wait + _CHILD_GRACE)
+            if start is None:
+                res = self.executor.run(argv, stdin=stdin, env=env, timeout=timeout)
+                return lambda: self._finished(res)
+            running = start(argv, stdin=stdin, env=env, timeout=timeout)
         except CommandNotFound as e:
             raise ApplyError(f"{e.program}: command not found", 1, BINARY_MISSING) from e
+        return lambda: self._finished(running.wait())
+
+    def _finished(self, res: Completed) -> Completed:
         if not res.ok:
             self._launcher_failure(res)
         return res
@@ -282,6 +297,10 @@ class _Target:
         return self._run(in_netns(self.cmd_netns, [b.save]))
 
     def restore(self, b: backends.Backend, doc: str) -> Completed:
+        return self.start_restore(b, doc)()
+
+    def start_restore(self, b: backends.Backend, doc: str) -> Callable[[], Completed]:
+        """Start ``b``'s restore of ``doc``; the returned function waits for it."""
         cmd = [b.restore, "--noflush", f"--wait={self.lock_wait}"]
         env = {"XTABLES_LOCKFILE": self.lockfile} if b.legacy and self.lockfile else None
         # Only owner matches make iptables look names up (even numeric ones: getpwnam first).
@@ -290,11 +309,16 @@ class _Target:
             argv = [*_nsexec_argv(), *net, "--local-lookups", "--", *cmd]
         else:
             argv = in_netns(self.cmd_netns, cmd)
-        res = self._run(argv, stdin=doc, env=env)
-        for line in res.stderr.splitlines() if res.ok else ():
-            if line.startswith("nsexec: warning:"):
-                log.warning("%s", line.removeprefix("nsexec: "))
-        return res
+        finish = self._start(argv, stdin=doc, env=env)
+
+        def wait() -> Completed:
+            res = finish()
+            for line in res.stderr.splitlines() if res.ok else ():
+                if line.startswith("nsexec: warning:"):
+                    log.warning("%s", line.removeprefix("nsexec: "))
+            return res
+
+        return wait
 
 
 # --- errors from iptables-restore -------------------------------------------------------------
@@ -441,18 +465,33 @@ def _put_back(target: _Target, families: Sequence[_Family]) -> None:
 
 
 def _commit(target: _Target, families: Sequence[_Family], what: str) -> None:
-    """Run each family's document in turn; on any failure put every family back and raise."""
+    """Run the families' documents (at the same time: each is atomic for its own tables and they
+    share none); if any fails, put every family back and raise."""
+    started: list[tuple[_Family, str, Callable[[], Completed]]] = []
+    failed: ApplyError | None = None
     for fam in families:
         if not fam.document:
             continue
         action = fam.action or what
         log.info("%s: %s with %s:\n%s", fam.name, action, fam.backend.restore, fam.document.rstrip())
-        res = target.restore(fam.backend, fam.document)
+        try:
+            started.append((fam, action, target.start_restore(fam.backend, fam.document)))
+        except ApplyError as e:
+            failed = e
+            break
         fam.changed = True
-        if not res.ok:
-            err = _restore_error(f"{fam.name}: {action}", fam.backend, res, fam.document, fam.origins)
-            _put_back(target, families)
-            raise err
+    # Every started command is waited for, whatever happened to the others.
+    for fam, action, wait in started:
+        try:
+            res = wait()
+        except ApplyError as e:
+            failed = failed or e
+            continue
+        if not res.ok and failed is None:
+            failed = _restore_error(f"{fam.name}: {action}", fam.backend, res, fam.document, fam.origins)
+    if failed is not None:
+        _put_back(target, families)
+        raise failed
 
 
 # --- apply ------------------------------------------------------------------------------------

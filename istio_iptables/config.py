@@ -5,12 +5,15 @@ Everything is parsed and validated once, here; errors name the option or variabl
 
 from __future__ import annotations
 
-import ipaddress
+from .lean import TYPE_CHECKING, Enum, NamedTuple
 
-from .lean import Enum, NamedTuple
+# ``ipaddress`` (with the functools and collections it loads, about 5 ms) is imported only where
+# an address or range is actually parsed: the default command line of a pod start has none.
+if TYPE_CHECKING:
+    import ipaddress
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+    IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+    IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConfigError(ValueError):
@@ -86,7 +89,8 @@ class Config(NamedTuple):
     drop_invalid: bool = False
     enable_ipv6: bool = False
     owner_groups: OwnerGroups = OwnerGroups()
-    host_ipv4_loopback_cidr: ipaddress.IPv4Network = ipaddress.IPv4Network("127.0.0.1/32")
+    # Canonical text (host bits masked), as parse_ipv4_loopback_cidr returns it.
+    host_ipv4_loopback_cidr: str = "127.0.0.1/32"
 
 
 class ApplyOptions(NamedTuple):
@@ -138,6 +142,8 @@ def _is_prefix_length(s: str) -> bool:
 def _is_owner_name(s: str) -> bool:
     name = s[:-1] if s.endswith("$") else s
     return bool(name) and name[0] in _OWNER_FIRST and all(c in _OWNER_REST for c in name[1:])
+
+
 _OWNER_NAME_MAX = 32
 # The kernel keeps uid/gid (u32)-1 as "no id"; iptables' owner match rejects it.
 _MAX_ID = 2**32 - 2
@@ -236,6 +242,8 @@ def _cidr(source: str, whole: str, item: str) -> IPNetwork:
         raise ConfigError(source, whole, f"{item!r} is not a CIDR range (ADDRESS/PREFIX)")
     if "%" in addr:
         raise ConfigError(source, whole, f"{item!r}: a zone is not allowed in a CIDR range")
+    import ipaddress
+
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
@@ -263,17 +271,39 @@ def parse_cidr_spec(source: str, s: str) -> CidrSpec:
     return CidrSpec(cidrs=tuple(_cidr(source, s, item) for item in items))
 
 
-def parse_ipv4_loopback_cidr(source: str, s: str) -> ipaddress.IPv4Network:
-    """Istio's ValidateIPv4LoopbackCidr: an IPv4 range in 127.0.0.0/8 with a prefix of 8 to 32."""
+def _ipv4(addr: str) -> int | None:
+    """A dotted-quad IPv4 address as ipaddress (and Go's netip) read it - four decimal octets,
+    0-255, no leading zeros - or None when ``addr`` is anything else."""
+    parts = addr.split(".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for p in parts:
+        if not _is_digits(p) or len(p) > 3 or (len(p) > 1 and p[0] == "0") or int(p) > 255:
+            return None
+        value = value << 8 | int(p)
+    return value
+
+
+def parse_ipv4_loopback_cidr(source: str, s: str) -> str:
+    """Istio's ValidateIPv4LoopbackCidr: an IPv4 range in 127.0.0.0/8 with a prefix of 8 to 32.
+    Returns the range's canonical text (host bits masked), e.g. ``127.0.0.0/8`` for ``127.0.0.1/8``."""
     item = s.strip()
-    net = _cidr(source, s, item)
-    if not isinstance(net, ipaddress.IPv4Network):
-        raise ConfigError(source, s, "an IPv6 range is not allowed here, IPv4 only")
-    if not ipaddress.IPv4Address(item.partition("/")[0]).is_loopback:
+    addr, slash, bits = item.partition("/")
+    ip = _ipv4(addr)
+    if not slash or ip is None or not _is_prefix_length(bits) or int(bits) > 32:
+        # Not a well-formed IPv4 range: let the general CIDR parser say what is wrong with it.
+        net = _cidr(source, s, item)
+        if net.version != 4:
+            raise ConfigError(source, s, "an IPv6 range is not allowed here, IPv4 only")
+        raise AssertionError(f"unreachable: {item!r} parses as {net}")  # pragma: no cover
+    if ip >> 24 != 127:
         raise ConfigError(source, s, "not an IPv4 loopback range (127.0.0.0/8)")
-    if not 8 <= net.prefixlen <= 32:
+    prefix = int(bits)
+    if not 8 <= prefix <= 32:
         raise ConfigError(source, s, "the prefix length must be 8-32")
-    return net
+    net_ip = ip & ~((1 << (32 - prefix)) - 1)
+    return f"{net_ip >> 24}.{net_ip >> 16 & 255}.{net_ip >> 8 & 255}.{net_ip & 255}/{prefix}"
 
 
 def _interface(source: str, whole: str, name: str) -> str:
@@ -408,9 +438,14 @@ def parse_dns_servers(
     source: str, s: str
 ) -> tuple[tuple[ipaddress.IPv4Address, ...], tuple[ipaddress.IPv6Address, ...]]:
     """A comma-separated list of IPv4 and IPv6 addresses, split by family (order kept)."""
+    items = split_list(s)
+    if not items:
+        return (), ()
+    import ipaddress
+
     v4: list[ipaddress.IPv4Address] = []
     v6: list[ipaddress.IPv6Address] = []
-    for item in split_list(s):
+    for item in items:
         if "%" in item:
             raise ConfigError(source, s, f"{item!r}: a zone is not allowed in a DNS server address")
         try:

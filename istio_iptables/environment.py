@@ -5,25 +5,22 @@ resolv.conf). ``Machine`` is the seam; tests pass their own.
 
 from __future__ import annotations
 
-import ipaddress
-
 from .executor import CommandNotFound, RealExecutor, in_netns
 from .lazylog import get_logger
 from .lean import TYPE_CHECKING
 
+# ``ipaddress`` is imported where addresses are read (IPv6 detection, DNS servers), not here.
 if TYPE_CHECKING:
+    import ipaddress
     from collections.abc import Iterable, Sequence
     from typing import Protocol
 
     from .executor import Executor
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+    IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 _log = get_logger(__name__)
-
-_V4_LINK_LOCAL_MULTICAST = ipaddress.IPv4Network("224.0.0.0/24")
-_V6_LINK_LOCAL_MULTICAST = ipaddress.IPv6Network("ff02::/16")
 
 
 class DetectionError(Exception):
@@ -88,7 +85,8 @@ class RealMachine:
 def addresses_from_ip_json(text: str) -> list[IPAddress]:
     """Addresses from ``ip -j addr show`` output, IPv4 first then IPv6 (the order of a netlink
     address dump, which is what Go's net.InterfaceAddrs returns)."""
-    import json  # only when the addresses are detected
+    import ipaddress  # only when the addresses are detected
+    import json
 
     try:
         links = json.loads(text or "[]")
@@ -107,18 +105,17 @@ def addresses_from_ip_json(text: str) -> list[IPAddress]:
 
 
 def _unmap(addr: IPAddress) -> IPAddress:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    mapped: IPAddress | None = getattr(addr, "ipv4_mapped", None)  # IPv6 only
+    return addr if mapped is None else mapped
 
 
 def _usable(addr: IPAddress) -> bool:
     """Go: !IsLoopback && !IsLinkLocalUnicast && !IsLinkLocalMulticast."""
     if addr.is_loopback or addr.is_link_local:
         return False
-    if isinstance(addr, ipaddress.IPv4Address):
-        return addr not in _V4_LINK_LOCAL_MULTICAST
-    return addr not in _V6_LINK_LOCAL_MULTICAST
+    if addr.version == 4:
+        return int(addr) >> 8 != 0xE00000  # 224.0.0.0/24
+    return int(addr) >> 112 != 0xFF02  # ff02::/16
 
 
 def detect_ipv6(addresses: Iterable[IPAddress], dual_stack: bool) -> bool:
@@ -152,6 +149,8 @@ def split_nameservers(
     servers: Sequence[str],
 ) -> tuple[tuple[ipaddress.IPv4Address, ...], tuple[ipaddress.IPv6Address, ...]]:
     """Istio's IPsSplitV4V6: unparsable entries are skipped; a zone is dropped (a rule cannot carry it)."""
+    import ipaddress
+
     v4: list[ipaddress.IPv4Address] = []
     v6: list[ipaddress.IPv6Address] = []
     for s in servers:

@@ -20,7 +20,7 @@ from .lean import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from signal import SIGKILL, SIGPIPE, SIGXFSZ
-    from typing import Protocol
+    from typing import Any, Protocol
 else:
     # The C half of ``signal``, which the interpreter has loaded already (``signal`` itself
     # imports ``enum``). Type checkers read the same names from ``signal``.
@@ -101,8 +101,18 @@ class RealExecutor:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> Completed:
-        import select  # deferred: a --dry-run usually runs no command
+        return self.start(argv, stdin=stdin, env=env, timeout=timeout).wait()
 
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Running:
+        """Start ``argv`` and return at once; ``wait()`` on the result gives what ``run`` returns.
+        Several may run at the same time (the timeout counts from here). Raises CommandNotFound."""
         args = tuple(argv)
         child_env: Mapping[str, str] = os.environ
         spawn = os.posix_spawnp
@@ -116,20 +126,40 @@ class RealExecutor:
                 if found is None:
                     raise CommandNotFound(program)
                 program, spawn = found, os.posix_spawn
+        return Running(spawn, program, args, child_env, stdin, timeout)
+
+
+class Running:
+    """A command started by ``RealExecutor.start``; ``wait()`` feeds its stdin, collects its
+    output and reaps it (once)."""
+
+    def __init__(
+        self,
+        spawn: Callable[..., int],
+        program: str,
+        args: tuple[str, ...],
+        env: Mapping[str, str],
+        stdin: str | None,
+        timeout: float | None,
+    ) -> None:
+        self.args = args
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.data = memoryview(stdin.encode("utf-8", "surrogateescape") if stdin else b"")
         # Pipes are close-on-exec so that children spawned meanwhile by other threads do not
         # hold them (and keep our reads from ending); dup2 clears the flag on the copies the
         # child gets as 0, 1 and 2, and exec closes the originals there.
-        opened: list[int] = []
-        pid = 0
+        self.opened: list[int] = []
+        self.pid = 0
         try:
-            in_r, in_w = _pipe(opened)
-            out_r, out_w = _pipe(opened)
-            err_r, err_w = _pipe(opened)
+            in_r, self.in_w = _pipe(self.opened)
+            self.out_r, out_w = _pipe(self.opened)
+            self.err_r, err_w = _pipe(self.opened)
             try:
-                pid = spawn(
+                self.pid = spawn(
                     program,
                     args,
-                    child_env,
+                    env,
                     file_actions=[
                         (os.POSIX_SPAWN_DUP2, in_r, 0),
                         (os.POSIX_SPAWN_DUP2, out_w, 1),
@@ -142,77 +172,100 @@ class RealExecutor:
             except FileNotFoundError as e:
                 raise CommandNotFound(args[0]) from e
             for fd in (in_r, out_w, err_w):
-                _close(fd, opened)
-
-            data = memoryview(stdin.encode("utf-8", "surrogateescape") if stdin else b"")
-            sent = 0
-            poller = select.poll()
-            chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-            reading = set(chunks)
-            for fd in reading:
-                poller.register(fd, select.POLLIN)
-            if data:
+                _close(fd, self.opened)
+            self.sent = 0
+            if self.data:
                 # Non-blocking: a write takes what fits in the pipe and never waits for the child,
-                # which may be blocked writing output that only this loop reads.
-                os.set_blocking(in_w, False)
-                poller.register(in_w, select.POLLOUT)
+                # which may be blocked writing output that only wait() reads. What fits goes now,
+                # so a small input is all there before the next command starts.
+                os.set_blocking(self.in_w, False)
+                self._write()
             else:
-                _close(in_w, opened)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            timed_out = False
-            while reading or sent < len(data):
-                wait = None
-                if deadline is not None:
-                    # Recomputed each round: poll returns early for every event (and Python
-                    # retries it after a signal with what is left).
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        timed_out = True
-                        break
-                    wait = left * 1000
-                for fd, _ in poller.poll(wait):
-                    if fd == in_w:
-                        try:
-                            sent += os.write(in_w, data[sent:])
-                        except BlockingIOError:
-                            continue
-                        except BrokenPipeError:
-                            # The child is gone or closed its stdin: keep its output.
-                            sent = len(data)
-                        if sent >= len(data):
-                            poller.unregister(in_w)
-                            _close(in_w, opened)
-                    else:
-                        chunk = os.read(fd, _READ)
-                        if chunk:
-                            chunks[fd].append(chunk)
-                        else:
-                            poller.unregister(fd)
-                            reading.discard(fd)
-                            _close(fd, opened)
+                _close(self.in_w, self.opened)
+        except BaseException:
+            self._abandon()
+            raise
 
-            returncode = None
-            if not timed_out:
-                returncode = _reap(pid) if deadline is None else _reap_by(pid, deadline)
-            if returncode is None:
-                os.kill(pid, SIGKILL)
-                _reap(pid)
-                pid = 0
-                for fd, _ in poller.poll(0):
-                    if fd in reading:
-                        chunks[fd].append(os.read(fd, _DRAIN))
-                out, err = _text(chunks[out_r]), _text(chunks[err_r])
-                return Completed(args, _TIMED_OUT, out, err + f"\ntimed out after {timeout}s")
-            pid = 0
-            return Completed(args, returncode, _text(chunks[out_r]), _text(chunks[err_r]))
+    def _write(self) -> None:
+        try:
+            self.sent += os.write(self.in_w, self.data[self.sent :])
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            # The child is gone or closed its stdin: keep its output.
+            self.sent = len(self.data)
+        if self.sent >= len(self.data):
+            _close(self.in_w, self.opened)
+
+    def wait(self) -> Completed:
+        import select  # deferred: a --dry-run usually runs no command
+
+        try:
+            return self._wait(select)
         finally:
+            self._abandon()
+
+    def _wait(self, select: Any) -> Completed:
+        args, opened, deadline = self.args, self.opened, self.deadline
+        poller = select.poll()
+        chunks: dict[int, list[bytes]] = {self.out_r: [], self.err_r: []}
+        reading = set(chunks)
+        for fd in reading:
+            poller.register(fd, select.POLLIN)
+        if self.in_w in opened:
+            poller.register(self.in_w, select.POLLOUT)
+        timed_out = False
+        while reading or self.in_w in opened:
+            wait = None
+            if deadline is not None:
+                # Recomputed each round: poll returns early for every event (and Python
+                # retries it after a signal with what is left).
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    break
+                wait = left * 1000
+            for fd, _ in poller.poll(wait):
+                if fd == self.in_w:
+                    self._write()
+                    if self.in_w not in opened:
+                        poller.unregister(fd)
+                else:
+                    chunk = os.read(fd, _READ)
+                    if chunk:
+                        chunks[fd].append(chunk)
+                    else:
+                        poller.unregister(fd)
+                        reading.discard(fd)
+                        _close(fd, opened)
+
+        returncode = None
+        if not timed_out:
+            returncode = _reap(self.pid) if deadline is None else _reap_by(self.pid, deadline)
+        if returncode is None:
+            os.kill(self.pid, SIGKILL)
+            _reap(self.pid)
+            self.pid = 0
+            for fd, _ in poller.poll(0):
+                if fd in reading:
+                    chunks[fd].append(os.read(fd, _DRAIN))
+            out, err = _text(chunks[self.out_r]), _text(chunks[self.err_r])
+            return Completed(args, _TIMED_OUT, out, err + f"\ntimed out after {self.timeout}s")
+        self.pid = 0
+        return Completed(args, returncode, _text(chunks[self.out_r]), _text(chunks[self.err_r]))
+
+    def _abandon(self) -> None:
+        """Leave neither a running child nor a zombie nor an open pipe behind (after an
+        interruption - KeyboardInterrupt, MemoryError... - or once reaped)."""
+        pid, self.pid = self.pid, 0
+        try:
             if pid:
-                # Interrupted (KeyboardInterrupt, MemoryError...): leave neither a running child
-                # nor a zombie behind.
                 try:
                     os.kill(pid, SIGKILL)
                 finally:
                     _reap(pid)
+        finally:
+            opened, self.opened = self.opened, []
             for fd in opened:
                 os.close(fd)
 

@@ -26,12 +26,10 @@ import struct
 from .lean import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import ipaddress
     from collections.abc import Callable
     from typing import TypeVar
 
     T = TypeVar("T")
-    Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 # linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h, linux/sched.h
 RTM_NEWADDR = 20
@@ -82,16 +80,24 @@ def _attr(kind: int, data: bytes) -> bytes:
     return _RTATTR.pack(size, kind) + data + b"\0" * (_align(size) - size)
 
 
-def address_message(command: int, flags: int, seq: int, ifindex: int, iface: Interface) -> bytes:
-    """An RTM_NEWADDR / RTM_DELADDR request for ``iface`` on interface ``ifindex``.
+def address_message(command: int, flags: int, seq: int, ifindex: int, iface: str) -> bytes:
+    """An RTM_NEWADDR / RTM_DELADDR request for ``iface`` (an address with its prefix length,
+    as ``ip addr`` writes it: ``::6/128``) on interface ``ifindex``. Raises ValueError for text
+    that is not one.
 
     The scope is what ``ip addr add`` picks: host for 127.0.0.0/8, universe otherwise (the
     kernel sets the scope of IPv6 addresses itself).
     """
-    family = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
-    scope = RT_SCOPE_HOST if iface.version == 4 and iface.ip.is_loopback else RT_SCOPE_UNIVERSE
-    packed = iface.ip.packed
-    body = _IFADDRMSG.pack(family, iface.network.prefixlen, 0, scope, ifindex)
+    addr, slash, bits = iface.partition("/")
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, addr)
+    except OSError:
+        raise ValueError(f"not an address with a prefix length: {iface!r}") from None
+    if not (slash and bits.isascii() and bits.isdigit() and int(bits) <= len(packed) * 8):
+        raise ValueError(f"not an address with a prefix length: {iface!r}")
+    scope = RT_SCOPE_HOST if family == socket.AF_INET and packed[0] == 127 else RT_SCOPE_UNIVERSE
+    body = _IFADDRMSG.pack(family, int(bits), 0, scope, ifindex)
     body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), command, flags | NLM_F_REQUEST, seq, 0) + body
 
@@ -308,7 +314,7 @@ def _next_seq() -> int:
     return _seq
 
 
-def _change(command: int, flags: int, iface: Interface, ifname: str, netns: str | None) -> int:
+def _change(command: int, flags: int, iface: str, ifname: str, netns: str | None) -> int:
     def run() -> int:
         try:
             index = socket.if_nametoindex(ifname)
@@ -320,7 +326,7 @@ def _change(command: int, flags: int, iface: Interface, ifname: str, netns: str 
     return in_netns(netns, run)
 
 
-def add_address(iface: Interface, ifname: str = "lo", netns: str | None = None) -> bool:
+def add_address(iface: str, ifname: str = "lo", netns: str | None = None) -> bool:
     """Add ``iface`` on ``ifname``: True when added, False when it was there already.
 
     Raises NetlinkError."""
@@ -332,7 +338,7 @@ def add_address(iface: Interface, ifname: str = "lo", netns: str | None = None) 
     return True
 
 
-def delete_address(iface: Interface, ifname: str = "lo", netns: str | None = None) -> bool:
+def delete_address(iface: str, ifname: str = "lo", netns: str | None = None) -> bool:
     """Remove ``iface`` from ``ifname``: True when removed, False when it was not there.
 
     Raises NetlinkError."""

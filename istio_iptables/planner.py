@@ -7,10 +7,12 @@ built-in chains) decides the final chain contents in the kernel.
 
 from __future__ import annotations
 
-import ipaddress
-
 from .config import Config, InterceptionMode
+from .lean import TYPE_CHECKING
 from .ruleset import Family, FamilyRules, PolicyRoute, Rule, Ruleset
+
+if TYPE_CHECKING:
+    from ipaddress import IPv4Address, IPv6Address
 
 NAT = "nat"
 MANGLE = "mangle"
@@ -57,12 +59,12 @@ class _FamilyPlan:
         self.family = family
         self.b = _Builder()
         v = family.value
-        self.loopback = str(cfg.host_ipv4_loopback_cidr) if family is Family.V4 else "::1/128"
+        self.loopback = cfg.host_ipv4_loopback_cidr if family is Family.V4 else "::1/128"
         self.passthrough = family.inbound_passthrough_source
         self.exclude_cidrs = [c for c in cfg.outbound_ip_ranges_exclude if c.version == v]
         self.include = cfg.outbound_ip_ranges_include
         self.include_cidrs = self.include.of_version(v)
-        servers: tuple[ipaddress.IPv4Address, ...] | tuple[ipaddress.IPv6Address, ...]
+        servers: tuple[IPv4Address, ...] | tuple[IPv6Address, ...]
         servers = cfg.dns_servers_v4 if family is Family.V4 else cfg.dns_servers_v6
         self.dns_servers = [f"{s}/{family.host_prefixlen}" for s in servers]
         self.tproxy = cfg.interception_mode is InterceptionMode.TPROXY
@@ -321,9 +323,7 @@ def plan(config: Config) -> Ruleset:
     routes: tuple[PolicyRoute, ...] = ()
     if config.interception_mode is InterceptionMode.TPROXY and not config.inbound_ports.empty:
         routes = tuple(PolicyRoute(f, config.tproxy_mark, config.tproxy_route_table) for f in families)
-    lo_addrs: tuple[ipaddress.IPv6Interface, ...] = ()
-    if config.enable_ipv6:
-        lo_addrs = (ipaddress.IPv6Interface("::6/128"),)
+    lo_addrs: tuple[str, ...] = ("::6/128",) if config.enable_ipv6 else ()
     return Ruleset(
         v4=planned[0],
         v6=planned[1] if config.enable_ipv6 else None,

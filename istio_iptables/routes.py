@@ -19,11 +19,8 @@ from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import Family, PolicyRoute
 
 if TYPE_CHECKING:
-    import ipaddress
     from collections.abc import Sequence
     from typing import Any
-
-    Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 log = get_logger(__name__)
 
@@ -36,11 +33,11 @@ class RoutesError(Exception):
 
 
 class Added(NamedTuple):
-    """One thing apply_routes added: ("rule" | "route", PolicyRoute) or ("address", interface)."""
+    """One thing apply_routes added: ("rule" | "route", PolicyRoute) or ("address", "::6/128")."""
 
     kind: str
     route: PolicyRoute | None = None
-    address: Interface | None = None
+    address: str | None = None
 
 
 class _ipr:  # noqa: N801 - used like a function: ``with _ipr(netns) as ipr:``
@@ -115,9 +112,7 @@ def _netlink_errno(e: Exception) -> int | None:
     return code if isinstance(code, int) else None
 
 
-def apply_routes(
-    routes: Sequence[PolicyRoute], addresses: Sequence[Interface], netns: str | None
-) -> list[Added]:
+def apply_routes(routes: Sequence[PolicyRoute], addresses: Sequence[str], netns: str | None) -> list[Added]:
     """Add what is missing; returns what was added (for ``undo``). Raises RoutesError."""
     added: list[Added] = []
     try:
@@ -198,9 +193,7 @@ def _rule_key(msg: Any, r: PolicyRoute) -> dict[str, Any]:
     }
 
 
-def remove_routes(
-    routes: Sequence[PolicyRoute], addresses: Sequence[Interface], netns: str | None
-) -> list[str]:
+def remove_routes(routes: Sequence[PolicyRoute], addresses: Sequence[str], netns: str | None) -> list[str]:
     """Remove the rules, routes and addresses if present; returns what was removed. Raises RoutesError."""
     removed: list[str] = []
     try:

@@ -5,10 +5,7 @@ The planner produces these; the renderer and the appliers consume them without d
 
 from __future__ import annotations
 
-from .lean import TYPE_CHECKING, Enum, NamedTuple
-
-if TYPE_CHECKING:
-    import ipaddress
+from .lean import Enum, NamedTuple
 
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
@@ -119,7 +116,8 @@ class Ruleset(NamedTuple):
     v6: FamilyRules | None = None
     routes: tuple[PolicyRoute, ...] = ()
     # Addresses to add on lo (``::6/128`` when IPv6 is enabled, as Istio does).
-    loopback_addresses: tuple[ipaddress.IPv6Interface | ipaddress.IPv4Interface, ...] = ()
+    # Addresses with their prefix length (``::6/128``) to add on lo.
+    loopback_addresses: tuple[str, ...] = ()
 
     @property
     def families(self) -> list[FamilyRules]:

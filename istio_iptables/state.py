@@ -13,8 +13,6 @@ invisible to packets, read back with iptables-save, and removed in the COMMIT th
 
 from __future__ import annotations
 
-from collections import Counter
-
 from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import BUILTIN_CHAINS, ISTIO_CHAINS
 
@@ -347,6 +345,8 @@ def describe_drift(current: Ours, expected: Ours, limit: int = 12) -> list[str]:
                 lines.append(f"{where}: chain present but not expected")
             elif have is None and chain in OUR_CHAINS:
                 lines.append(f"{where}: chain missing")
+            from collections import Counter  # only when rules differ
+
             missing = list((Counter(want or ()) - Counter(have or ())).elements())
             extra = list((Counter(have or ()) - Counter(want or ())).elements())
             lines.extend(f"{where}: missing   -A {chain} {s}" for s in missing)
@@ -429,10 +429,12 @@ def transition(
 
 def _multiset_minus(a: list[str], b: list[str]) -> list[tuple[int, str]]:
     """Items of ``a`` (with their indexes) left after taking away one occurrence per item of ``b``."""
-    left = Counter(b)
+    left: dict[str, int] = {}
+    for s in b:
+        left[s] = left.get(s, 0) + 1
     out: list[tuple[int, str]] = []
     for i, s in enumerate(a):
-        if left[s]:
+        if left.get(s):
             left[s] -= 1
         else:
             out.append((i, s))

@@ -22,7 +22,7 @@ from istio_iptables import apply as ap
 from istio_iptables import state as st
 from istio_iptables.apply import ApplyError, apply, cleanup
 from istio_iptables.config import ApplyOptions, CidrSpec, Config, InterceptionMode, PortSpec
-from istio_iptables.executor import Completed, RealExecutor
+from istio_iptables.executor import RealExecutor, Running
 from istio_iptables.planner import plan
 from istio_iptables.render import render_family
 from istio_iptables.ruleset import Family, FamilyRules, Rule, Ruleset
@@ -195,9 +195,9 @@ class _Counting(RealExecutor):
     def __init__(self) -> None:
         self.argvs: list[tuple[str, ...]] = []
 
-    def run(self, argv: Sequence[str], **kw: Any) -> Completed:
+    def start(self, argv: Sequence[str], **kw: Any) -> Running:
         self.argvs.append(tuple(argv))
-        return super().run(argv, **kw)
+        return super().start(argv, **kw)
 
 
 def _prog(argv: tuple[str, ...]) -> str:
@@ -423,18 +423,18 @@ class _VanishAfter(RealExecutor):
     def __init__(self, ns: NetNS, n: int) -> None:
         self.ns, self.left = ns, n
 
-    def run(
+    def start(
         self,
         argv: Sequence[str],
         *,
         stdin: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
-    ) -> Completed:
+    ) -> Running:
         if self.left == 0:
             run(["ip", "netns", "del", self.ns.name])
         self.left -= 1
-        return super().run(argv, stdin=stdin, env=env, timeout=timeout)
+        return super().start(argv, stdin=stdin, env=env, timeout=timeout)
 
 
 def test_network_namespace_that_vanishes_midway(netns: NewNS) -> None:

@@ -20,8 +20,8 @@ import pytest
 from istio_iptables import netlink as nl
 from nsutil import NetNS
 
-V6 = ipaddress.ip_interface("::6/128")
-V4 = ipaddress.ip_interface("127.0.0.6/32")
+V6 = "::6/128"
+V4 = "127.0.0.6/32"
 
 
 def _attrs(data: bytes) -> dict[int, bytes]:
@@ -45,7 +45,8 @@ def test_new_address_message_is_what_ip_addr_add_sends() -> None:
     family, prefixlen, ifa_flags, scope, index = struct.unpack_from("=BBBBI", msg, 16)
     assert (family, prefixlen, ifa_flags, scope, index) == (socket.AF_INET6, 128, 0, nl.RT_SCOPE_UNIVERSE, 1)
     attrs = _attrs(msg[24:])
-    assert attrs == {nl.IFA_LOCAL: V6.ip.packed, nl.IFA_ADDRESS: V6.ip.packed}
+    packed = ipaddress.ip_interface(V6).ip.packed
+    assert attrs == {nl.IFA_LOCAL: packed, nl.IFA_ADDRESS: packed}
     assert len(msg) % 4 == 0
 
 
@@ -56,8 +57,16 @@ def test_ipv4_loopback_address_gets_host_scope_and_delete_has_no_create_flags() 
     family, prefixlen, _, scope, index = struct.unpack_from("=BBBBI", msg, 16)
     assert (family, prefixlen, scope, index) == (socket.AF_INET, 32, nl.RT_SCOPE_HOST, 3)
     assert _attrs(msg[24:])[nl.IFA_LOCAL] == bytes([127, 0, 0, 6])
-    other = nl.address_message(nl.RTM_NEWADDR, 0, 1, 3, ipaddress.ip_interface("10.0.0.1/24"))
-    assert struct.unpack_from("=BBBBI", other, 16)[3] == nl.RT_SCOPE_UNIVERSE
+    other = nl.address_message(nl.RTM_NEWADDR, 0, 1, 3, "10.0.0.1/24")
+    assert struct.unpack_from("=BBBBI", other, 16)[1:4] == (24, 0, nl.RT_SCOPE_UNIVERSE)
+
+
+@pytest.mark.parametrize(
+    "text", ["::6", "::6/129", "10.0.0.1/33", "10.0.0.1/x", "fe80::1%lo/64", "nope/8", ""]
+)
+def test_address_text_that_is_not_an_address_with_a_prefix_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not an address with a prefix length"):
+        nl.address_message(nl.RTM_NEWADDR, 0, 1, 1, text)
 
 
 def _error(seq: int, err: int) -> bytes:

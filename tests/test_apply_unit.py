@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,7 +321,19 @@ def test_path_which_finds_what_shutil_which_finds(
         monkeypatch.delenv("PATH", raising=False)
     else:
         monkeypatch.setenv("PATH", path.replace("/nonexistent", str(tmp_path / "adir")) + f":{tmp_path}")
-    for name in ("sh", "ls", "nsenter", "plain", "tool", "nope", "adir", str(tool), "./tool", "/bin/sh", "/bin"):
+    for name in (
+        "sh",
+        "ls",
+        "nsenter",
+        "plain",
+        "tool",
+        "nope",
+        "adir",
+        str(tool),
+        "./tool",
+        "/bin/sh",
+        "/bin",
+    ):
         assert bk.path_which(name) == shutil.which(name), name
 
 
@@ -360,6 +373,71 @@ def test_fresh_apply_is_one_restore_of_the_rendered_document_per_family() -> Non
         ),
     ]
     assert ex.calls[2][1] == render_family(rs.v4)
+
+
+class _Starting(RecordingExecutor):
+    """A recording executor that can also start commands: logs when each starts and is waited for."""
+
+    def __init__(self, responder: Callable[[tuple[str, ...], str | None], Completed] | None = None) -> None:
+        super().__init__(responder)
+        self.events: list[tuple[str, str]] = []
+
+    def start(self, argv: Sequence[str], **kw: Any) -> Any:
+        name = Path(argv[-3] if "--noflush" in argv else argv[-1]).name
+        self.events.append(("start", name))
+        res = self.run(argv, **kw)
+
+        class Waiting:
+            def wait(_self) -> Completed:
+                self.events.append(("wait", name))
+                return res
+
+        return Waiting()
+
+
+@pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")
+def test_both_families_are_restored_at_the_same_time() -> None:
+    ex = _Starting()
+    ap.apply(plan(CLASSIC._replace(enable_ipv6=True)), ApplyOptions(force_iptables_binary="nft"), ex)
+    restores = [e for e in ex.events if "restore" in e[1]]
+    assert restores == [
+        ("start", "iptables-nft-restore"),
+        ("start", "ip6tables-nft-restore"),
+        ("wait", "iptables-nft-restore"),
+        ("wait", "ip6tables-nft-restore"),
+    ]
+
+
+@pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")
+@pytest.mark.parametrize("failing", ["iptables-nft-restore", "ip6tables-nft-restore"])
+def test_a_family_that_fails_while_the_other_succeeds_is_rolled_back_together(failing: str) -> None:
+    saved_after = {"iptables-nft-save": "", "ip6tables-nft-save": ""}
+
+    def responder(argv: tuple[str, ...], stdin: str | None) -> Completed:
+        name = Path(argv[-3] if "--noflush" in argv else argv[-1]).name
+        if name.endswith("-save"):
+            return Completed(argv, 0, saved_after[name])
+        if name == failing:
+            return Completed(argv, 2, "", "iptables-restore: line 2 failed\n")
+        saved_after[name.replace("restore", "save")] = (stdin or "").replace("--noflush", "")
+        return Completed(argv, 0)
+
+    ex = _Starting(responder)
+    rs = plan(CLASSIC._replace(enable_ipv6=True))
+    with pytest.raises(ap.ApplyError) as e:
+        ap.apply(rs, ApplyOptions(force_iptables_binary="nft"), ex)
+    assert e.value.kind == ap.REJECTED
+    family = "IPv6" if failing.startswith("ip6") else "IPv4"
+    assert e.value.message.startswith(f"{family} ({failing.removesuffix('-restore')}): applying")
+    # Both were started and waited for; the one that succeeded is read back and reverted.
+    other = "ip6tables-nft" if family == "IPv4" else "iptables-nft"
+    waits = [n for kind, n in ex.events if kind == "wait"]
+    first = [n for n in waits if n.endswith("-restore")][:2]
+    assert sorted(first) == ["ip6tables-nft-restore", "iptables-nft-restore"]
+    rolled = [n for n in waits[waits.index(first[1]) + 1 :] if n.startswith(other)]
+    assert rolled == [f"{other}-save", f"{other}-restore"]
+    rollback = [c[1] for c in ex.calls if c[0][0].endswith(f"{other}-restore")][-1]
+    assert rollback is not None and "-D OUTPUT -j ISTIO_OUTPUT" in rollback
 
 
 @pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")

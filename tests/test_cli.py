@@ -802,5 +802,7 @@ def test_the_command_ends_without_losing_buffered_output(venv_bin: Path) -> None
     with redirect_stdout(want), redirect_stderr(io.StringIO()):
         assert cli.run(PROG_IPTABLES, argv[1:], env={}) == 0
     assert got.stdout == want.getvalue() and got.stdout.count("-j RETURN") >= 4000
-    bad = subprocess.run([*argv[:2], "--envoy-port=0", "--dry-run"], capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [*argv[:2], "--envoy-port=0", "--dry-run"], capture_output=True, text=True, check=False
+    )
     assert bad.returncode == 1 and bad.stdout == "" and "--envoy-port" in bad.stderr

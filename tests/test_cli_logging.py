@@ -35,7 +35,9 @@ PINNED = ["--no-enable-ipv6", "--dns-servers="]
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
 LINE = re.compile(rf"{STAMP}\t(debug|info|warn|error)\t(.*)")
 OWNER_ENV = {"ISTIO_OUTBOUND_OWNER_GROUPS": "5", "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "6"}
-OWNER_WARNING = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE is ignored: it applies only when ISTIO_OUTBOUND_OWNER_GROUPS is '*'"
+OWNER_WARNING = (
+    "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE is ignored: it applies only when ISTIO_OUTBOUND_OWNER_GROUPS is '*'"
+)
 DRY_RUN_INFO = "running in dry-run mode, no rule changes will be made"
 
 
@@ -113,8 +115,14 @@ def test_level_filter(level: str | None, want: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("threshold", "shown"),
-    [(10, ["debug", "info", "warn", "error"]), (20, ["info", "warn", "error"]), (30, ["warn", "error"]),
-     (40, ["error"]), (50, []), (60, [])],
+    [
+        (10, ["debug", "info", "warn", "error"]),
+        (20, ["info", "warn", "error"]),
+        (30, ["warn", "error"]),
+        (40, ["error"]),
+        (50, []),
+        (60, []),
+    ],
 )
 def test_sink_filters_by_level(threshold: int, shown: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     sink = cli._IstioLog(LogSettings(level=threshold, json=False))
@@ -326,7 +334,9 @@ def test_a_run_does_not_import_logging() -> None:
         "assert 'logging' not in sys.modules, 'logging imported'\n"
         "assert 'click' not in sys.modules, 'click imported'\n"
     )
-    p = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
     assert p.returncode == 0, p.stderr
     lines = p.stderr.splitlines()
     assert len(lines) == 16, p.stderr  # four runs: two warnings and two infos each
@@ -338,14 +348,26 @@ def test_a_run_does_not_import_logging() -> None:
 @pytest.mark.parametrize("script", ["istio-iptables", "istio-clean-iptables"])
 def test_console_script_dry_run_does_not_import_logging(script: str) -> None:
     p = subprocess.run(
-        [sys.executable, "-X", "importtime", str(BIN / script), *CLASSIC, "-d", "15090,15021,15020", "--dry-run", "x"],
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            str(BIN / script),
+            *CLASSIC,
+            "-d",
+            "15090,15021,15020",
+            "--dry-run",
+            "x",
+        ],
         capture_output=True,
         text=True,
         check=False,
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **OWNER_ENV},
     )
     assert p.returncode == 0, p.stderr
-    imported = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "istio_iptables.cli" in imported
     assert "logging" not in imported
     shown = [line for line in p.stderr.splitlines() if not line.startswith("import time:")]

@@ -65,3 +65,80 @@ def test_duration_examples() -> None:
         except ConfigError:
             continue
         raise AssertionError(bad)
+
+
+# --- IPv4 loopback ranges: parsed by hand, checked against ipaddress ------------------------
+
+OCTET = st.one_of(
+    st.integers(0, 300).map(str), st.sampled_from(["00", "01", "007", "0x1", "", " 1", "٣", "+1"])
+)
+V4ISH = st.one_of(
+    st.builds(lambda a, b, c_, d: f"{a}.{b}.{c_}.{d}", OCTET, OCTET, OCTET, OCTET),
+    st.builds(lambda a, b, c_: f"{a}.{b}.{c_}", OCTET, OCTET, OCTET),
+    st.sampled_from(["::1", "::ffff:127.0.0.1", "fe80::1%lo", "127.0.0.1%lo", "localhost", ""]),
+)
+LOOPBACKISH = st.builds(
+    lambda a, sep, bits: f"{a}{sep}{bits}",
+    st.one_of(V4ISH, st.builds(lambda d: f"127.0.{d}.1", OCTET)),
+    st.sampled_from(["/", "/", "", "//"]),
+    st.one_of(st.integers(0, 140).map(str), st.sampled_from(["08", "", "-1", " 8", "32 "])),
+)
+
+
+def _loopback_by_ipaddress(s: str) -> str | None:
+    """Istio's ValidateIPv4LoopbackCidr written with ipaddress (the reference)."""
+    import ipaddress
+
+    item = s.strip()
+    addr, slash, bits = item.partition("/")
+    if not slash or "%" in addr or not BITS.fullmatch(bits):
+        return None
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+    if ip.version != 4 or int(bits) > 32 or not ip.is_loopback or not 8 <= int(bits) <= 32:
+        return None
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+@settings(max_examples=3000)
+@given(V4ISH)
+def test_ipv4_addresses_parse_as_ipaddress_reads_them(s: str) -> None:
+    import ipaddress
+
+    try:
+        want: int | None = int(ipaddress.IPv4Address(s))
+    except ValueError:
+        want = None
+    assert c._ipv4(s) == want
+
+
+@settings(max_examples=3000)
+@given(LOOPBACKISH)
+def test_loopback_ranges_parse_as_ipaddress_reads_them(s: str) -> None:
+    try:
+        got: str | None = c.parse_ipv4_loopback_cidr("--x", s)
+    except ConfigError:
+        got = None
+    assert got == _loopback_by_ipaddress(s)
+
+
+def test_loopback_range_examples() -> None:
+    assert c.parse_ipv4_loopback_cidr("x", "127.0.0.1/32") == "127.0.0.1/32"
+    assert c.parse_ipv4_loopback_cidr("x", " 127.1.2.3/8 ") == "127.0.0.0/8"
+    assert c.parse_ipv4_loopback_cidr("x", "127.0.0.255/30") == "127.0.0.252/30"
+    for bad, why in [
+        ("10.0.0.1/32", "not an IPv4 loopback range"),
+        ("127.0.0.1/7", "the prefix length must be 8-32"),
+        ("127.0.0.1/33", "the prefix length must be 0-32"),
+        ("::1/128", "an IPv6 range is not allowed here"),
+        ("127.0.0.1", "is not a CIDR range"),
+        ("127.0.0.01/32", "is not a CIDR range (bad address)"),
+    ]:
+        try:
+            c.parse_ipv4_loopback_cidr("--x", bad)
+        except ConfigError as e:
+            assert why in str(e) and "--x" in str(e), (bad, str(e))
+        else:
+            raise AssertionError(f"{bad!r} was accepted")

@@ -312,6 +312,42 @@ def test_concurrent_runs_in_threads() -> None:
     assert len(results) == 12 and all(r.ok and r.stdout == doc for r in results)
 
 
+# --- started together, waited for in turn ------------------------------------------------------
+
+
+def test_started_commands_run_at_the_same_time(tmp_path: Path) -> None:
+    # Each waits for the other's file: only if both run at once do both finish before the timeout.
+    wait_for = "touch {d}/{me}; while [ ! -e {d}/{other} ]; do sleep 0.01; done; echo {me}"
+    a = RealExecutor().start(["sh", "-c", wait_for.format(d=tmp_path, me="a", other="b")], timeout=10)
+    b = RealExecutor().start(["sh", "-c", wait_for.format(d=tmp_path, me="b", other="a")], timeout=10)
+    assert (a.wait(), b.wait()) == (Completed(a.args, 0, "a\n", ""), Completed(b.args, 0, "b\n", ""))
+
+
+def test_started_commands_with_large_stdin_waited_in_either_order() -> None:
+    # More input than a pipe holds: the rest is fed while waiting, whichever is waited for first.
+    before = open_fds()
+    docs = ["a" * 300_000, "b" * 200_000, "c" * 5]
+    running = [RealExecutor().start(["cat"], stdin=d, timeout=SAFETY) for d in docs]
+    assert [r.wait().stdout for r in reversed(running)] == list(reversed(docs))
+    assert open_fds() == before
+
+
+def test_the_timeout_of_a_started_command_counts_from_its_start() -> None:
+    r = RealExecutor().start(["sleep", "30"], timeout=0.3)
+    time.sleep(0.5)
+    t = time.monotonic()
+    res = r.wait()
+    assert res.returncode == 124 and time.monotonic() - t < 0.25
+    assert "timed out after 0.3s" in res.stderr
+
+
+def test_start_raises_command_not_found_and_leaves_nothing_open() -> None:
+    before = open_fds()
+    with pytest.raises(CommandNotFound):
+        RealExecutor().start(["no-such-program-here"])
+    assert open_fds() == before
+
+
 def test_an_exception_while_waiting_kills_and_reaps_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
     spawned: list[int] = []
     real_spawn = os.posix_spawnp

@@ -163,8 +163,8 @@ def test_cidr_list_and_spec() -> None:
 
 def test_ipv4_loopback_cidr() -> None:
     src = "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"
-    assert c.parse_ipv4_loopback_cidr(src, "127.0.0.1/32") == net("127.0.0.1/32")
-    assert c.parse_ipv4_loopback_cidr(src, "127.0.0.1/8") == net("127.0.0.0/8")
+    assert c.parse_ipv4_loopback_cidr(src, "127.0.0.1/32") == "127.0.0.1/32"
+    assert c.parse_ipv4_loopback_cidr(src, "127.0.0.1/8") == "127.0.0.0/8"
     with pytest.raises(ConfigError, match="IPv6"):
         c.parse_ipv4_loopback_cidr(src, "::1/128")
     with pytest.raises(ConfigError, match="loopback"):
@@ -419,7 +419,7 @@ EXPECT = {
     "ISTIO_OUTBOUND_OWNER_GROUPS": ("java,202", lambda cfg, o: cfg.owner_groups, OwnerGroups(False, ("java", "202"))),
     "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": ("888", lambda cfg, o: cfg.owner_groups, OwnerGroups(True, ("888",))),
     "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR": (
-        "127.0.0.1/8", lambda cfg, o: cfg.host_ipv4_loopback_cidr, net("127.0.0.0/8")
+        "127.0.0.1/8", lambda cfg, o: cfg.host_ipv4_loopback_cidr, "127.0.0.0/8"
     ),
     "ENVOY_USER": ("envoy", lambda cfg, o: cfg.proxy_uids, ("1337",)),
 }  # fmt: skip

@@ -37,6 +37,8 @@ def test_validation_only_checks_rules_installed_by_someone_else(netns) -> None:
 @pytest.mark.kernel
 def test_apply_then_validate_in_one_run(netns) -> None:
     ns = netns("val")
-    r = istio_iptables(*CLASSIC, *PINNED, f"--network-namespace={ns.path}", "--run-validation", "--probe-timeout=2s")
+    r = istio_iptables(
+        *CLASSIC, *PINNED, f"--network-namespace={ns.path}", "--run-validation", "--probe-timeout=2s"
+    )
     assert r.returncode == 0, r.stderr
     assert "validation passed" in r.stderr
