@@ -7,8 +7,9 @@ decisions: the rules come from the planner, the restore text from the renderer. 
   the run and leaves at the end (netlink.entered), so the restores it spawns start there and no
   nsenter process is spent per command (commands of a recording executor carry nsenter instead);
 - backend: legacy or nft per family (backend.py), logged;
-- atomic: one ``iptables-restore --noflush --wait=N`` per family; in CNI mode the xtables lock is
-  the pod's own namespace file (XTABLES_LOCKFILE), not the node's global lock;
+- atomic: one ``iptables-restore --noflush --wait=N`` per family, the two families' started
+  together (they share no table) except in CNI mode; in CNI mode the xtables lock is the pod's
+  own namespace file (XTABLES_LOCKFILE), not the node's global lock;
 - all or nothing: when a later step fails, every family already changed is put back as it was;
 - idempotent: the rules in place are compared with the expected ones; equal is a no-op, different
   is drift (an error unless --reconcile or --force-apply, which replace ours in the same COMMIT);
@@ -206,6 +207,8 @@ class _Target:
         self.lock_wait = lock_wait
         # A pod-scoped lock: the pod's namespace file is unique to it and is never deleted under us.
         self.lockfile = self.netns if opts.cni_mode and self.netns else None
+        # Restores one after the other (CNI mode) or the families' together (see _commit).
+        self.one_at_a_time = opts.cni_mode
         self.local_lookups = host_needs_local_lookups()
         self._tables: dict[tuple[Family, str], bool] | None = None
 
@@ -465,9 +468,13 @@ def _put_back(target: _Target, families: Sequence[_Family]) -> None:
 
 
 def _commit(target: _Target, families: Sequence[_Family], what: str) -> None:
-    """Run the families' documents (at the same time: each is atomic for its own tables and they
-    share none); if any fails, put every family back and raise."""
-    started: list[tuple[_Family, str, Callable[[], Completed]]] = []
+    """Run the families' documents; if any fails, put every family back and raise.
+
+    Outside CNI mode the restores run at the same time (each is atomic for its own tables and
+    they share none), which takes one restore off an init container's run on an idle node. The
+    CNI plugin runs them one after the other: it is called for many pods at once, when the
+    node's cores are busy anyway and a second process per ADD gains nothing."""
+    pending: list[tuple[_Family, str, Callable[[], Completed]]] = []
     failed: ApplyError | None = None
     for fam in families:
         if not fam.document:
@@ -475,23 +482,34 @@ def _commit(target: _Target, families: Sequence[_Family], what: str) -> None:
         action = fam.action or what
         log.info("%s: %s with %s:\n%s", fam.name, action, fam.backend.restore, fam.document.rstrip())
         try:
-            started.append((fam, action, target.start_restore(fam.backend, fam.document)))
+            wait = target.start_restore(fam.backend, fam.document)
         except ApplyError as e:
             failed = e
             break
         fam.changed = True
+        pending.append((fam, action, wait))
+        if target.one_at_a_time:
+            failed = _outcome(*pending.pop())
+            if failed is not None:
+                break
     # Every started command is waited for, whatever happened to the others.
-    for fam, action, wait in started:
-        try:
-            res = wait()
-        except ApplyError as e:
-            failed = failed or e
-            continue
-        if not res.ok and failed is None:
-            failed = _restore_error(f"{fam.name}: {action}", fam.backend, res, fam.document, fam.origins)
+    for item in pending:
+        err = _outcome(*item)
+        failed = failed or err
     if failed is not None:
         _put_back(target, families)
         raise failed
+
+
+def _outcome(fam: _Family, action: str, wait: Callable[[], Completed]) -> ApplyError | None:
+    """Wait for a family's restore: None when it succeeded, else the error to report."""
+    try:
+        res = wait()
+    except ApplyError as e:
+        return e
+    if res.ok:
+        return None
+    return _restore_error(f"{fam.name}: {action}", fam.backend, res, fam.document, fam.origins)
 
 
 # --- apply ------------------------------------------------------------------------------------

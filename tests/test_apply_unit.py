@@ -409,6 +409,25 @@ def test_both_families_are_restored_at_the_same_time() -> None:
 
 
 @pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")
+def test_cni_mode_restores_one_family_after_the_other() -> None:
+    ex = _Starting()
+    opts = ApplyOptions(network_namespace=_netns_path(), cni_mode=True, force_iptables_binary="nft")
+    ap.apply(plan(CLASSIC._replace(enable_ipv6=True)), opts, ex)
+    restores = [e for e in ex.events if "restore" in e[1]]
+    assert restores == [
+        ("start", "iptables-nft-restore"),
+        ("wait", "iptables-nft-restore"),
+        ("start", "ip6tables-nft-restore"),
+        ("wait", "ip6tables-nft-restore"),
+    ]
+    # When IPv4 fails, IPv6 is not touched at all.
+    ex = _Starting(lambda argv, stdin: Completed(argv, int("-restore" in argv[-3]), "", "line 1 failed\n"))
+    with pytest.raises(ap.ApplyError):
+        ap.apply(plan(CLASSIC._replace(enable_ipv6=True)), opts, ex)
+    assert [n for _, n in ex.events if "restore" in n] == ["iptables-nft-restore"] * 2
+
+
+@pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")
 @pytest.mark.parametrize("failing", ["iptables-nft-restore", "ip6tables-nft-restore"])
 def test_a_family_that_fails_while_the_other_succeeds_is_rolled_back_together(failing: str) -> None:
     saved_after = {"iptables-nft-save": "", "ip6tables-nft-save": ""}
