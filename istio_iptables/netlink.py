@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h, linux/sched.h
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
+RTM_GETADDR = 22
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
@@ -146,10 +147,11 @@ def tables_message(nfproto: int, seq: int) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def parse_dump(data: bytes, seq: int, kind: int) -> tuple[int, bool]:
-    """How many messages of ``kind`` answer dump ``seq`` in ``data``, and whether the dump ended
-    there. Raises NetlinkError for an error answer or a truncated message."""
-    count = 0
+def parse_dump(data: bytes, seq: int, kind: int) -> tuple[list[bytes], bool]:
+    """The bodies (after the netlink header) of the messages of ``kind`` that answer dump ``seq``
+    in ``data``, and whether the dump ended there. Raises NetlinkError for an error answer or a
+    truncated message."""
+    found: list[bytes] = []
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, msg_kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
@@ -157,18 +159,83 @@ def parse_dump(data: bytes, seq: int, kind: int) -> tuple[int, bool]:
             raise NetlinkError(errno.EBADMSG, "truncated netlink message")
         if msg_seq == seq:
             if msg_kind == NLMSG_DONE:
-                return count, True
+                return found, True
             if msg_kind == NLMSG_ERROR:
                 if length < _NLMSGHDR.size + _ERRNO.size:
                     raise NetlinkError(errno.EBADMSG, "truncated netlink error message")
                 (err,) = _ERRNO.unpack_from(data, offset + _NLMSGHDR.size)
                 if err:
                     raise NetlinkError(-err, f"netlink dump: {os.strerror(-err)}")
-                return count, True
+                return found, True
             if msg_kind == kind:
-                count += 1
+                found.append(data[offset + _NLMSGHDR.size : offset + length])
         offset += _align(length)
-    return count, False
+    return found, False
+
+
+def _dump(protocol: int, name: str, message: bytes, seq: int, kind: int) -> list[bytes]:
+    """Send dump request ``message`` on a new netlink socket of ``protocol`` (``name`` for
+    errors) of the calling thread's namespace; the bodies of the answering ``kind`` messages."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    except OSError as e:
+        raise NetlinkError(e.errno, f"{name} netlink socket: {e.strerror}") from None
+    try:
+        s.settimeout(TIMEOUT)
+        s.bind((0, 0))
+        s.sendto(message, (0, 0))
+        found: list[bytes] = []
+        while True:
+            try:
+                # A dump answers in datagrams of up to a page or so each; 64 KiB holds any.
+                data = s.recv(65536)
+            except TimeoutError:
+                raise NetlinkError(errno.ETIMEDOUT, "no answer from the kernel") from None
+            bodies, done = parse_dump(data, seq, kind)
+            found += bodies
+            if done:
+                return found
+    finally:
+        s.close()
+
+
+def addresses_message(seq: int) -> bytes:
+    """A dump request for every address of every interface, both families (``ip addr show``)."""
+    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def parse_address(body: bytes) -> tuple[int, str] | None:
+    """The family and address of an RTM_NEWADDR body: the local address (IFA_LOCAL, which
+    differs from IFA_ADDRESS on point-to-point links), else IFA_ADDRESS; None without either."""
+    if len(body) < _IFADDRMSG.size:
+        raise NetlinkError(errno.EBADMSG, "truncated address message")
+    family = body[0]
+    attrs: dict[int, bytes] = {}
+    offset = _IFADDRMSG.size
+    while offset + _RTATTR.size <= len(body):
+        length, kind = _RTATTR.unpack_from(body, offset)
+        if length < _RTATTR.size or offset + length > len(body):
+            raise NetlinkError(errno.EBADMSG, "truncated address attribute")
+        attrs[kind] = body[offset + _RTATTR.size : offset + length]
+        offset += _align(length)
+    packed = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+    if packed is None or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return family, socket.inet_ntop(family, packed)
+
+
+def local_addresses() -> list[str]:
+    """Every address of every interface of the calling thread's namespace, as Go's
+    net.InterfaceAddrs lists them: the IPv4 ones first, then the IPv6 ones, each family in
+    interface order. Raises NetlinkError."""
+    seq = _next_seq()
+    bodies = _dump(socket.NETLINK_ROUTE, "route", addresses_message(seq), seq, RTM_NEWADDR)
+    by_family: dict[int, list[str]] = {socket.AF_INET: [], socket.AF_INET6: []}
+    for found in map(parse_address, bodies):
+        if found is not None:
+            by_family[found[0]].append(found[1])
+    return by_family[socket.AF_INET] + by_family[socket.AF_INET6]
 
 
 def nft_table_count(nfproto: int) -> int:
@@ -176,26 +243,8 @@ def nft_table_count(nfproto: int) -> int:
 
     Raises NetlinkError (also when the kernel has no nf_tables)."""
     seq = _next_seq()
-    try:
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-    except OSError as e:
-        raise NetlinkError(e.errno, f"netfilter netlink socket: {e.strerror}") from None
-    try:
-        s.settimeout(TIMEOUT)
-        s.bind((0, 0))
-        s.sendto(tables_message(nfproto, seq), (0, 0))
-        total = 0
-        while True:
-            try:
-                data = s.recv(65536)
-            except TimeoutError:
-                raise NetlinkError(errno.ETIMEDOUT, "no answer from the kernel") from None
-            count, done = parse_dump(data, seq, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE)
-            total += count
-            if done:
-                return total
-    finally:
-        s.close()
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE
+    return len(_dump(NETLINK_NETFILTER, "netfilter", tables_message(nfproto, seq), seq, kind))
 
 
 _libc_setns: Callable[[int, int], int] | None = None

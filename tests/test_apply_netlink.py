@@ -108,16 +108,44 @@ def _msg(kind: int, seq: int, payload: bytes = b"\0\0\0\0") -> bytes:
     return struct.pack("=IHHII", 16 + len(payload), kind, 2, seq, 0) + payload
 
 
-def test_table_dumps_are_counted_until_done() -> None:
-    assert nl.parse_dump(_msg(_TABLE, 3) + _msg(_TABLE, 3), 3, _TABLE) == (2, False)
-    assert nl.parse_dump(_msg(_TABLE, 3) + _msg(nl.NLMSG_DONE, 3), 3, _TABLE) == (1, True)
-    assert nl.parse_dump(_msg(_TABLE, 2) + _msg(nl.NLMSG_DONE, 3), 3, _TABLE) == (0, True)
-    assert nl.parse_dump(_msg(nl.NLMSG_DONE, 3), 3, _TABLE) == (0, True)
+def test_dump_answers_are_collected_until_done() -> None:
+    a, b = b"\1\0\0\0", b"\2\0\0\0"
+    assert nl.parse_dump(_msg(_TABLE, 3, a) + _msg(_TABLE, 3, b), 3, _TABLE) == ([a, b], False)
+    assert nl.parse_dump(_msg(_TABLE, 3, a) + _msg(nl.NLMSG_DONE, 3), 3, _TABLE) == ([a], True)
+    assert nl.parse_dump(_msg(_TABLE, 2) + _msg(nl.NLMSG_DONE, 3), 3, _TABLE) == ([], True)
+    assert nl.parse_dump(_msg(nl.NLMSG_DONE, 3), 3, _TABLE) == ([], True)
     with pytest.raises(nl.NetlinkError) as e:
         nl.parse_dump(_error(3, -errno.EOPNOTSUPP), 3, _TABLE)
     assert e.value.errno == errno.EOPNOTSUPP
     with pytest.raises(nl.NetlinkError):
         nl.parse_dump(_msg(_TABLE, 3)[:-2], 3, _TABLE)
+
+
+def test_address_dump_request_is_what_ip_addr_show_sends() -> None:
+    msg = nl.addresses_message(5)
+    length, kind, flags, seq, pid = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, flags, seq, pid) == (24, nl.RTM_GETADDR, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, 5, 0)
+    assert struct.unpack_from("=BBBBI", msg, 16) == (socket.AF_UNSPEC, 0, 0, 0, 0)
+
+
+def test_address_messages_give_the_local_address_first() -> None:
+    def body(family: int, *attrs: tuple[int, bytes]) -> bytes:
+        out = struct.pack("=BBBBI", family, 24, 0, 0, 2)
+        for kind, data in attrs:
+            size = 4 + len(data)
+            out += struct.pack("=HH", size, kind) + data + b"\0" * (((size + 3) & ~3) - size)
+        return out
+
+    local, peer = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    v6 = ipaddress.ip_address("fd00::5").packed
+    assert nl.parse_address(body(socket.AF_INET, (nl.IFA_ADDRESS, peer), (nl.IFA_LOCAL, local))) == (
+        socket.AF_INET,
+        "10.0.0.1",
+    )
+    assert nl.parse_address(body(socket.AF_INET6, (nl.IFA_ADDRESS, v6))) == (socket.AF_INET6, "fd00::5")
+    assert nl.parse_address(body(socket.AF_INET, (8, b"lo\0"))) is None
+    with pytest.raises(nl.NetlinkError):
+        nl.parse_address(body(socket.AF_INET, (nl.IFA_LOCAL, local))[:-2])
 
 
 # --- what the kernel's answers mean -------------------------------------------------------------

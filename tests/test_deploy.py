@@ -273,10 +273,10 @@ def test_images_match_the_containerfiles() -> None:
 def test_containerfile(name: str) -> None:
     text = (DEPLOY / "images" / f"{name}.Containerfile").read_text()
     bases = re.findall(r"^FROM\s+(\S+)", text, re.M)
-    assert bases, "has a base image"
-    for base in bases:
-        # A real, dated tag of a fully qualified image: no "latest", no floating "slim".
-        assert re.fullmatch(r"docker\.io/library/debian:bookworm-\d{8}-slim", base), base
+    assert bases and set(bases) == {"${BASE}"}, "every stage builds on the one base"
+    (default,) = re.findall(r"^ARG BASE=(\S+)$", text, re.M)
+    # A real, dated tag of a fully qualified image: no "latest", no floating "slim".
+    assert re.fullmatch(r"docker\.io/library/debian:bookworm-\d{8}-slim", default), default
     assert f'ENTRYPOINT ["{name}"]' in text
     assert "COPY *.whl" in text, "installs the project's wheel"
     final = text.rsplit("FROM", 1)[1]

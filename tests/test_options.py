@@ -4,9 +4,11 @@ settings (environment.py) and the README option table."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +20,11 @@ from istio_iptables.config import CidrSpec, ConfigError, InterceptionMode, Owner
 from istio_iptables.environment import (
     DetectionError,
     RealMachine,
-    addresses_from_ip_json,
     detect_ipv6,
     nameservers_from_resolv_conf,
     split_nameservers,
 )
-from istio_iptables.executor import Completed, RecordingExecutor
+from nsutil import NetNS, add_addresses, veth_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 ip = ipaddress.ip_address
@@ -600,25 +601,6 @@ def test_unknown_option_name_is_a_programming_error() -> None:
 
 # --- environment.py ----------------------------------------------------------------------------
 
-IP_JSON = """[
- {"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1"},{"family":"inet6","local":"::1"}]},
- {"ifindex":2,"ifname":"eth0","addr_info":[{"family":"inet6","local":"fd00::5"},
-   {"family":"inet","local":"10.1.0.5"},{"family":"inet6","local":"fe80::1"}]}
-]"""
-
-
-def test_addresses_from_ip_json_puts_ipv4_first() -> None:
-    assert addresses_from_ip_json(IP_JSON) == [
-        ip("127.0.0.1"),
-        ip("10.1.0.5"),
-        ip("::1"),
-        ip("fd00::5"),
-        ip("fe80::1"),
-    ]
-    assert addresses_from_ip_json("") == []
-    with pytest.raises(DetectionError):
-        addresses_from_ip_json("not json")
-
 
 def test_detect_ipv6_skips_loopback_link_local_and_unwraps_mapped() -> None:
     skip = [ip("127.0.0.5"), ip("169.254.1.1"), ip("224.0.0.251"), ip("::1"), ip("fe80::9"), ip("ff02::1")]
@@ -630,18 +612,40 @@ def test_detect_ipv6_skips_loopback_link_local_and_unwraps_mapped() -> None:
         detect_ipv6(skip, dual_stack=True)
 
 
-def test_real_machine_lists_addresses_through_the_executor() -> None:
-    ex = RecordingExecutor(responder=lambda argv, stdin: Completed(argv, 0, IP_JSON))
-    m = RealMachine(executor=ex)
-    assert m.local_addresses(None)[1] == ip("10.1.0.5")
-    assert m.local_addresses("/var/run/netns/pod")
-    assert ex.calls[0][0] == ("ip", "-j", "addr", "show")
-    assert ex.calls[1][0] == ("nsenter", "--net=/var/run/netns/pod", "--", "ip", "-j", "addr", "show")
-    failing = RealMachine(
-        executor=RecordingExecutor(responder=lambda a, s: Completed(a, 1, "", "Cannot open netns"))
+def _by_ip_json(ns: NetNS | None) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """What ``ip -j addr show`` lists in ``ns`` (here for None): every address, IPv4 ones first."""
+    argv = ["ip", "-j", "addr", "show"]
+    out = (
+        ns.run(argv).stdout if ns else subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     )
-    with pytest.raises(DetectionError, match="Cannot open netns"):
-        failing.local_addresses("/nope")
+    links = json.loads(out)
+    found = [ip(a["local"]) for link in links for a in link.get("addr_info", [])]
+    return [a for a in found if a.version == 4] + [a for a in found if a.version == 6]
+
+
+@pytest.mark.kernel
+def test_real_machine_reads_the_namespace_addresses_from_the_kernel(netns: Callable[..., NetNS]) -> None:
+    pod, peer = netns("pod"), netns("peer")
+    veth_pair(
+        pod,
+        peer,
+        addrs_a=["10.1.0.5/24", "fd00:1::5/64", "10.2.0.5/16"],
+        addrs_b=["10.1.0.6/24", "fd00:1::6/64"],
+    )
+    add_addresses(pod, "lo", ["127.0.0.6/8", "::6/128"])
+    got = RealMachine().local_addresses(pod.path)
+    assert got == _by_ip_json(pod)
+    assert {ip("10.1.0.5"), ip("10.2.0.5"), ip("fd00:1::5"), ip("::6"), ip("127.0.0.6")} <= set(got)
+    assert [a.version for a in got] == sorted(a.version for a in got)
+    assert detect_ipv6(got, dual_stack=False) is False and detect_ipv6(got, dual_stack=True) is True
+    # This thread is back in its own namespace.
+    assert RealMachine().local_addresses(None) == _by_ip_json(None)
+
+
+@pytest.mark.kernel
+def test_real_machine_names_a_namespace_it_cannot_enter(tmp_path: Path) -> None:
+    with pytest.raises(DetectionError, match="cannot list local addresses: .*No such file"):
+        RealMachine().local_addresses(str(tmp_path / "gone"))
 
 
 def test_resolv_conf_parsing() -> None:
