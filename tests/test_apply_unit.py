@@ -375,6 +375,12 @@ def test_fresh_apply_is_one_restore_of_the_rendered_document_per_family() -> Non
     assert ex.calls[2][1] == render_family(rs.v4)
 
 
+def _dual_stack() -> Ruleset:
+    """The classic rules for both families, without the ``::6`` address: the recording executor
+    fakes commands, not netlink, which would add it to this namespace's lo for real."""
+    return plan(CLASSIC._replace(enable_ipv6=True))._replace(loopback_addresses=())
+
+
 class _Starting(RecordingExecutor):
     """A recording executor that can also start commands: logs when each starts and is waited for."""
 
@@ -398,7 +404,7 @@ class _Starting(RecordingExecutor):
 @pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")
 def test_both_families_are_restored_at_the_same_time() -> None:
     ex = _Starting()
-    ap.apply(plan(CLASSIC._replace(enable_ipv6=True)), ApplyOptions(force_iptables_binary="nft"), ex)
+    ap.apply(_dual_stack(), ApplyOptions(force_iptables_binary="nft"), ex)
     restores = [e for e in ex.events if "restore" in e[1]]
     assert restores == [
         ("start", "iptables-nft-restore"),
@@ -412,7 +418,7 @@ def test_both_families_are_restored_at_the_same_time() -> None:
 def test_cni_mode_restores_one_family_after_the_other() -> None:
     ex = _Starting()
     opts = ApplyOptions(network_namespace=_netns_path(), cni_mode=True, force_iptables_binary="nft")
-    ap.apply(plan(CLASSIC._replace(enable_ipv6=True)), opts, ex)
+    ap.apply(_dual_stack(), opts, ex)
     restores = [e for e in ex.events if "restore" in e[1]]
     assert restores == [
         ("start", "iptables-nft-restore"),
@@ -423,7 +429,7 @@ def test_cni_mode_restores_one_family_after_the_other() -> None:
     # When IPv4 fails, IPv6 is not touched at all.
     ex = _Starting(lambda argv, stdin: Completed(argv, int("-restore" in argv[-3]), "", "line 1 failed\n"))
     with pytest.raises(ap.ApplyError):
-        ap.apply(plan(CLASSIC._replace(enable_ipv6=True)), opts, ex)
+        ap.apply(_dual_stack(), opts, ex)
     assert [n for _, n in ex.events if "restore" in n] == ["iptables-nft-restore"] * 2
 
 
@@ -442,7 +448,7 @@ def test_a_family_that_fails_while_the_other_succeeds_is_rolled_back_together(fa
         return Completed(argv, 0)
 
     ex = _Starting(responder)
-    rs = plan(CLASSIC._replace(enable_ipv6=True))
+    rs = _dual_stack()
     with pytest.raises(ap.ApplyError) as e:
         ap.apply(rs, ApplyOptions(force_iptables_binary="nft"), ex)
     assert e.value.kind == ap.REJECTED
