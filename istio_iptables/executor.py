@@ -20,7 +20,7 @@ from .lean import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from signal import SIGKILL, SIGPIPE, SIGXFSZ
-    from typing import Any, Protocol
+    from typing import Protocol
 else:
     # The C half of ``signal``, which the interpreter has loaded already (``signal`` itself
     # imports ``enum``). Type checkers read the same names from ``signal``.
@@ -198,14 +198,14 @@ class Running:
             _close(self.in_w, self.opened)
 
     def wait(self) -> Completed:
-        import select  # deferred: a --dry-run usually runs no command
-
         try:
-            return self._wait(select)
+            return self._wait()
         finally:
             self._abandon()
 
-    def _wait(self, select: Any) -> Completed:
+    def _wait(self) -> Completed:
+        import select  # deferred: a --dry-run usually runs no command
+
         args, opened, deadline = self.args, self.opened, self.deadline
         poller = select.poll()
         chunks: dict[int, list[bytes]] = {self.out_r: [], self.err_r: []}

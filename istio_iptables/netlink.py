@@ -123,19 +123,30 @@ def parse_ack(data: bytes, seq: int) -> int | None:
 def request(message: bytes, seq: int) -> int:
     """Send one request on a new NETLINK_ROUTE socket of the calling thread's namespace and wait
     for its acknowledgement; returns the kernel's error number (0: done)."""
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    return _exchange(socket.NETLINK_ROUTE, "route", message, lambda data: parse_ack(data, seq))
+
+
+def _exchange(protocol: int, name: str, message: bytes, answer: Callable[[bytes], T | None]) -> T:
+    """Send ``message`` on a new netlink socket of ``protocol`` (``name`` for errors) of the
+    calling thread's namespace, and read the kernel's datagrams until ``answer`` makes something
+    of them (not None). Raises NetlinkError."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    except OSError as e:
+        raise NetlinkError(e.errno, f"{name} netlink socket: {e.strerror}") from None
     try:
         s.settimeout(TIMEOUT)
         s.bind((0, 0))
         s.sendto(message, (0, 0))
         while True:
             try:
+                # A dump answers in datagrams of up to a page or so each; 64 KiB holds any.
                 data = s.recv(65536)
             except TimeoutError:
                 raise NetlinkError(errno.ETIMEDOUT, "no answer from the kernel") from None
-            err = parse_ack(data, seq)
-            if err is not None:
-                return err
+            result = answer(data)
+            if result is not None:
+                return result
     finally:
         s.close()
 
@@ -174,29 +185,15 @@ def parse_dump(data: bytes, seq: int, kind: int) -> tuple[list[bytes], bool]:
 
 
 def _dump(protocol: int, name: str, message: bytes, seq: int, kind: int) -> list[bytes]:
-    """Send dump request ``message`` on a new netlink socket of ``protocol`` (``name`` for
-    errors) of the calling thread's namespace; the bodies of the answering ``kind`` messages."""
-    try:
-        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
-    except OSError as e:
-        raise NetlinkError(e.errno, f"{name} netlink socket: {e.strerror}") from None
-    try:
-        s.settimeout(TIMEOUT)
-        s.bind((0, 0))
-        s.sendto(message, (0, 0))
-        found: list[bytes] = []
-        while True:
-            try:
-                # A dump answers in datagrams of up to a page or so each; 64 KiB holds any.
-                data = s.recv(65536)
-            except TimeoutError:
-                raise NetlinkError(errno.ETIMEDOUT, "no answer from the kernel") from None
-            bodies, done = parse_dump(data, seq, kind)
-            found += bodies
-            if done:
-                return found
-    finally:
-        s.close()
+    """Send dump request ``message`` (see _exchange); the bodies of the answering ``kind`` messages."""
+    found: list[bytes] = []
+
+    def answer(data: bytes) -> list[bytes] | None:
+        bodies, done = parse_dump(data, seq, kind)
+        found.extend(bodies)
+        return found if done else None
+
+    return _exchange(protocol, name, message, answer)
 
 
 def addresses_message(seq: int) -> bytes:
