@@ -2,6 +2,11 @@
 package's virtualenv does not exist: a zipapp of the ``cni`` and ``istio_iptables`` packages
 (plus pyroute2's pure-Python package when it is importable, for TPROXY routes) behind a shebang
 naming the node's Python. ``python -m cni.bundle OUT`` writes one.
+
+PyYAML's pure-Python package goes in too, when importable: the plugin reads most kubeconfigs
+without it, but one outside the plain YAML its own reader handles (comments are fine; flow
+collections, block scalars, anchors ... are not) needs it, and the node's Python, run with
+``-S``, has no site-packages to find it in. The plugin imports it only for such a kubeconfig.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 DEFAULT_INTERPRETER = "/usr/bin/python3 -S"
 PACKAGES = ("cni", "istio_iptables")
-VENDORED = ("pyroute2",)
+VENDORED = ("pyroute2", "yaml")
 ENTRY_POINT = "cni.plugin:main"
 
 _FIXED_DATE = (2000, 1, 1, 0, 0, 0)
@@ -49,8 +54,14 @@ def package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# Compiled extension modules: zipimport cannot load them, and they are built for this machine's
+# Python, not the node's. PyYAML's libyaml binding is one; without it PyYAML uses its pure-Python
+# loader.
+_EXTENSIONS = (".so", ".pyd")
+
+
 def _ignore(directory: str, names: list[str]) -> list[str]:
-    return [n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo"))]
+    return [n for n in names if n == "__pycache__" or n.endswith((".pyc", ".pyo", *_EXTENSIONS))]
 
 
 def _stage(root: Path, packages: Iterable[str], vendored: Iterable[str]) -> list[str]:
@@ -139,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_INTERPRETER,
         help=f"the node's Python, written into the shebang (default: {DEFAULT_INTERPRETER!r})",
     )
-    parser.add_argument("--no-vendor", action="store_true", help="leave pyroute2 out (no TPROXY routes)")
+    parser.add_argument(
+        "--no-vendor",
+        action="store_true",
+        help="leave pyroute2 (TPROXY routes) and PyYAML (kubeconfigs beyond plain YAML) out",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s\t%(message)s", stream=sys.stderr)
     data = build_archive(args.interpreter, vendored=() if args.no_vendor else VENDORED)

@@ -102,23 +102,32 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
+def _shown(value: str) -> str:
+    """A setting's value for a message: whole when short, else its start and its length."""
+    return repr(value) if len(value) <= 60 else f"{value[:60]!r}... ({len(value)} characters)"
+
+
+def _digits(value: str, allowed: str, most: int) -> int | None:
+    """``value`` (blanks around it aside) as a number of at most ``most`` significant digits,
+    all from ``allowed``; else None. int() alone would take signs, underscores and other
+    scripts' digits (a port the plugin's URL parser then refuses), and raise past 4,300 digits."""
+    text = value.strip()
+    if not text or text.strip(allowed) or len(text.lstrip("0")) > most:
+        return None
+    return int(text.lstrip("0") or "0", len(allowed))
+
+
 def _port(source: str, value: str, *, zero: bool = False) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise SettingsError(f"{source}: {value!r} is not a port number") from None
-    if not (0 if zero else 1) <= port <= 65535:
-        raise SettingsError(f"{source}: {value!r} is not a port number")
+    port = _digits(value, "0123456789", 5)
+    if port is None or not (0 if zero else 1) <= port <= 65535:
+        raise SettingsError(f"{source}: {_shown(value)} is not a port number")
     return port
 
 
 def _mode(source: str, value: str) -> int:
-    try:
-        mode = int(value.removeprefix("0o"), 8)
-    except ValueError:
-        raise SettingsError(f"{source}: {value!r} is not an octal file mode such as 0600") from None
-    if not 0 <= mode <= 0o777:
-        raise SettingsError(f"{source}: {value!r} is not an octal file mode such as 0600")
+    mode = _digits(value.strip().removeprefix("0o"), "01234567", 4)
+    if mode is None or not 0 <= mode <= 0o777:
+        raise SettingsError(f"{source}: {_shown(value)} is not an octal file mode such as 0600")
     if mode & 0o077:
         log.warning("%s %s lets other users read the plugin's credentials", source, oct(mode))
     return mode
@@ -134,10 +143,10 @@ def _server_url(environ: Mapping[str, str]) -> str:
         )
     if protocol != "https":
         raise SettingsError(f"KUBERNETES_SERVICE_PROTOCOL: {protocol!r}; the plugin only talks https")
-    _port("KUBERNETES_SERVICE_PORT", port)
+    number = _port("KUBERNETES_SERVICE_PORT", port)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address
-    return f"https://{host}:{port}"
+    return f"https://{host}:{number}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,7 +312,7 @@ def parse_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
     except ValueError:
         interval = -1.0
     if not 0.01 <= interval <= 300:
-        raise SettingsError(f"{source}: {interval_s!r} is not a number of seconds in [0.01, 300]")
+        raise SettingsError(f"{source}: {_shown(interval_s)} is not a number of seconds in [0.01, 300]")
 
     settings = Settings(
         net_dir=Path(net_dir),
@@ -355,11 +364,17 @@ class ChangedMeanwhile(Exception):
     """The file changed between our read and our write; the next pass starts again."""
 
 
-def atomic_write(path: Path, data: bytes, mode: int, *, if_unchanged: bytes | None = None) -> None:
+def atomic_write(
+    path: Path, data: bytes, mode: int, *, if_unchanged: bytes | None = None, through_links: bool = False
+) -> None:
     """Writes beside ``path`` then renames over it: a reader sees the old file or the new one,
     never a part. The temporary name has no CNI extension, so no runtime ever loads it.
     With ``if_unchanged``, gives up (ChangedMeanwhile) when ``path`` no longer holds those bytes,
-    so an update another installer made since we read the file is not overwritten."""
+    so an update another installer made since we read the file is not overwritten.
+    With ``through_links``, a symlink at ``path`` stays and the file it leads to is replaced
+    (written beside that file, so the rename stays within one directory)."""
+    if through_links:
+        path = link_target(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
@@ -379,6 +394,13 @@ def atomic_write(path: Path, data: bytes, mode: int, *, if_unchanged: bytes | No
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def link_target(path: Path) -> Path:
+    """The file ``path`` leads to through any symlinks (``path`` itself when it is none). A
+    network configuration may be a link to a file its owner keeps elsewhere and keeps updating;
+    renaming over the link would turn it into a file of our own that those updates miss."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def remove_file(path: Path) -> bool:
@@ -675,7 +697,7 @@ class Installer:
                     self.installation = Installation(dest=target, written=None, before=None)
                 return target
             data = dump_conf(new)
-            atomic_write(target, data, _file_mode(target), if_unchanged=raw)
+            atomic_write(target, data, _file_mode(target), if_unchanged=raw, through_links=True)
             if inst is not None and raw == inst.written:
                 inst.written = data
             else:
@@ -694,7 +716,7 @@ class Installer:
         if inst is None or dest_now != inst.written:
             inst = self.installation = Installation(dest, None, dest_now)
         inst.source, inst.source_before = target, raw
-        atomic_write(dest, data, _file_mode(target))
+        atomic_write(dest, data, _file_mode(target), through_links=True)
         inst.written = data
         # The .conf sorts first and would shadow the list: the runtime must see the list alone.
         if read_or_none(target) != raw:
@@ -721,8 +743,9 @@ class Installer:
         return dest
 
     def _revert(self, inst: Installation) -> None:
-        """Undo one installation: the original bytes when the file is still as we left it, else
-        just our entry out of whatever is there now."""
+        """Undo one installation: the original bytes when the file is still as we left it (checked
+        again just before the rename, as on insertion), else just our entry out of whatever is
+        there now. A symlinked file keeps its link; the file it leads to gets the bytes."""
         current = read_or_none(inst.dest)
         if current is None:
             return
@@ -730,13 +753,26 @@ class Installer:
             if inst.source is not None and not inst.source.exists():
                 atomic_write(inst.source, inst.source_before, _file_mode(inst.dest))
                 log.info("restored %s", inst.source)
-            if inst.before is None:
-                remove_file(inst.dest)
-                log.info("removed %s", inst.dest)
-            else:
-                atomic_write(inst.dest, inst.before, _file_mode(inst.dest))
-                log.info("restored %s as it was before the istio-cni entry was inserted", inst.dest)
-            return
+            try:
+                if inst.before is None:
+                    if read_or_none(inst.dest) != inst.written:
+                        raise ChangedMeanwhile(str(inst.dest))
+                    remove_file(inst.dest)
+                    log.info("removed %s", inst.dest)
+                else:
+                    atomic_write(
+                        inst.dest,
+                        inst.before,
+                        _file_mode(inst.dest),
+                        if_unchanged=inst.written,
+                        through_links=True,
+                    )
+                    log.info("restored %s as it was before the istio-cni entry was inserted", inst.dest)
+                return
+            except ChangedMeanwhile:
+                log.info(
+                    "%s changed while it was being restored; only the istio-cni entry is taken out", inst.dest
+                )
         remove_entry_from(inst.dest)
 
     def reconcile(self) -> None:
@@ -781,7 +817,7 @@ class Installer:
         if inst is not None:
             try:
                 self._revert(inst)
-            except (OSError, ConfError) as e:
+            except (OSError, ConfError, ChangedMeanwhile) as e:
                 log.error("could not remove the istio-cni entry from %s: %s", inst.dest, e)
         if self.settings.cleanup_files:
             remove_files(self.settings)
@@ -789,7 +825,17 @@ class Installer:
 
 def remove_entry_from(path: Path) -> bool:
     """Removes every istio-cni entry from the conflist at ``path`` (and the file, when nothing
-    else is left in it). True when the file changed."""
+    else is left in it). True when the file changed. A file that keeps changing under us is
+    read again a few times, then left as it is (ChangedMeanwhile)."""
+    for _ in range(3):
+        try:
+            return _remove_entry_once(path)
+        except ChangedMeanwhile:
+            continue
+    raise ChangedMeanwhile(f"{path} kept changing while the istio-cni entry was being removed")
+
+
+def _remove_entry_once(path: Path) -> bool:
     raw = read_or_none(path)
     if raw is None:
         return False
@@ -808,7 +854,7 @@ def remove_entry_from(path: Path) -> bool:
         return False
     rest = without_entry(doc)
     if rest["plugins"]:
-        atomic_write(path, dump_conf(rest), _file_mode(path))
+        atomic_write(path, dump_conf(rest), _file_mode(path), if_unchanged=raw, through_links=True)
         log.info("removed the istio-cni entry from %s", path)
     else:
         remove_file(path)
@@ -825,12 +871,19 @@ def remove_files(settings: Settings) -> None:
             log.error("could not remove %s: %s", path, e.strerror)
 
 
-def uninstall(settings: Settings) -> None:
+def uninstall(settings: Settings) -> bool:
     """Without the state of the installer that inserted it: every istio-cni entry out of every
-    network configuration in the net dir, then the kubeconfig and the executables."""
+    network configuration in the net dir, then the kubeconfig and the executables. False when
+    an entry could not be removed (logged)."""
+    ok = True
     for path in conf_files(settings.net_dir):
-        remove_entry_from(path)
+        try:
+            remove_entry_from(path)
+        except (OSError, ChangedMeanwhile) as e:
+            log.error("could not remove the istio-cni entry from %s: %s", path, e)
+            ok = False
     remove_files(settings)
+    return ok
 
 
 # --- health endpoints -----------------------------------------------------------------------
@@ -981,8 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         return check(settings)
     if args.uninstall:
-        uninstall(settings)
-        return 0
+        return 0 if uninstall(settings) else 1
     stop = threading.Event()
     with _stop_on_signals(stop):
         try:

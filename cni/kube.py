@@ -3,8 +3,13 @@ verified TLS, with bounded retries and an overall deadline.
 
 Standard library only: ``ssl`` and a minimal HTTP/1.1 GET (``http.client`` would pull in the
 ``email`` package, which costs more start-up than the request itself). PyYAML is imported only
-for a kubeconfig that is neither JSON nor the plain YAML kubeconfig writers emit. There is
+for a kubeconfig that is neither JSON nor the plain YAML kubeconfig writers emit (the plugin
+executable install-cni writes carries PyYAML's pure-Python package for that). There is
 deliberately no way to turn certificate verification off.
+
+Failures are KubeErrors that say whether trying again may help: the network and the server's
+answers may change within the deadline; a kubeconfig, or a file it names, that cannot be used
+needs someone to fix it, so retrying it would only delay the error.
 """
 
 from __future__ import annotations
@@ -17,20 +22,59 @@ import time
 from istio_iptables.lean import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    import socket
     import ssl
     from collections.abc import Callable
-    from typing import IO, Any
+    from typing import Any, Protocol
+
+    class Source(Protocol):
+        """What read_response reads from: a binary file object, or the deadline-bound reader."""
+
+        def readline(self, size: int = -1, /) -> bytes: ...
+
+        def read(self, size: int = -1, /) -> bytes: ...
+
 
 MAX_BODY = 8 << 20
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
+def _read(path: str, encoding: str = "utf-8") -> str:
+    with open(path, encoding=encoding) as f:
         return f.read()
 
 
+def clip(text: str, width: int = 60) -> str:
+    """``text`` quoted for a message: whole when short, else its start and its length (a value
+    may be thousands of characters long)."""
+    return repr(text) if len(text) <= width else f"{text[:width]!r}... ({len(text)} characters)"
+
+
+def shorten(text: str, width: int = 200) -> str:
+    """``clip`` unquoted, for text that is itself a message."""
+    return text if len(text) <= width else f"{text[:width]}... ({len(text)} characters)"
+
+
+def uint(text: str, *, base: int = 10, digits: int = 18) -> int | None:
+    """``text`` as a number when it is only ASCII digits of ``base`` (10 or 16) with at most
+    ``digits`` significant ones; else None. int() alone would take signs, blanks, underscores
+    and other scripts' digits, and raise for more than 4,300 decimal digits."""
+    allowed = "0123456789abcdefABCDEF" if base == 16 else "0123456789"
+    if not text or text.strip(allowed):
+        return None
+    significant = text.lstrip("0")
+    if len(significant) > digits:
+        return None
+    return int(significant or "0", base)
+
+
 class KubeError(Exception):
-    """The Pod could not be read; the message says why (kubeconfig, TLS, HTTP status ...)."""
+    """The Pod could not be read; the message says why (kubeconfig, TLS, HTTP status ...).
+    ``transient``: trying again may succeed (the network, the server's answer), as opposed to a
+    kubeconfig or credential that cannot be used until someone changes it."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class KubeConfig(NamedTuple):
@@ -56,10 +100,20 @@ class KubeConfig(NamedTuple):
             except OSError as e:
                 if not self.token:
                     raise KubeError(f"cannot read tokenFile {self.token_file}: {e.strerror}") from None
+            except UnicodeDecodeError:
+                raise KubeError(f"tokenFile {self.token_file} is not UTF-8 text") from None
             else:
                 if tok:
+                    _check_token(tok, f"tokenFile {self.token_file}")
                     return tok
         return self.token or None
+
+
+def _check_token(token: str, where: str) -> None:
+    # The token goes into a header line: a control character would end the line (or smuggle in
+    # another header) and a character outside latin-1 cannot be sent at all.
+    if not token.isascii() or not token.isprintable():
+        raise KubeError(f"{where}: the token holds characters an HTTP header cannot carry")
 
 
 # YAML 1.1 booleans, as PyYAML resolves them.
@@ -171,27 +225,46 @@ def _simple_yaml(text: str) -> Any:
 
 
 def _parse_document(path: str, text: str) -> Any:
+    # json and both YAML readers recurse per nesting level; int() refuses over-long numbers.
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return _simple_yaml(text)
-    except _NotSimple:
+    except (_NotSimple, RecursionError):
         pass
     try:
         import yaml  # type: ignore[import-untyped]
-    except ImportError:  # pragma: no cover - PyYAML ships with the package
-        raise KubeError(f"kubeconfig {path} is not JSON and PyYAML is not installed") from None
+    except ImportError:
+        raise KubeError(
+            f"kubeconfig {path} is neither JSON nor the plain YAML read without PyYAML, "
+            "and PyYAML is not installed"
+        ) from None
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
         raise KubeError(f"kubeconfig {path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise KubeError(f"kubeconfig {path} is not valid YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # A scalar the YAML resolver types but cannot construct (a date such as 2024-13-45, an
+        # integer of thousands of digits).
+        raise KubeError(f"kubeconfig {path} is not valid YAML: {shorten(str(e))}") from None
+
+
+def _entries(doc: dict[str, Any], kind: str, path: str) -> list[Any]:
+    entries = doc.get(kind)
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise KubeError(f"kubeconfig {path}: {kind} is not a list")
+    return entries
 
 
 def _named(doc: dict[str, Any], kind: str, name: str, path: str) -> dict[str, Any]:
-    for entry in doc.get(kind) or ():
+    for entry in _entries(doc, kind, path):
         if isinstance(entry, dict) and entry.get("name") == name:
             body = entry.get(kind[:-1])
             if isinstance(body, dict):
@@ -200,9 +273,12 @@ def _named(doc: dict[str, Any], kind: str, name: str, path: str) -> dict[str, An
 
 
 def _b64(value: Any, what: str, path: str) -> bytes:
-    # base64.b64decode(s, validate=True), without importing base64 before ssl needs it.
+    # base64.b64decode(s, validate=True), without importing base64 before ssl needs it. Line
+    # breaks are ignored, as Go's decoder (kubectl's) ignores them: a YAML block scalar holds a
+    # wrapped value and ends in one.
+    text = str(value).replace("\r", "").replace("\n", "")
     try:
-        return binascii.a2b_base64(str(value).encode("ascii"), strict_mode=True)
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, ValueError):
         raise KubeError(f"kubeconfig {path}: {what} is not valid base64") from None
 
@@ -210,14 +286,18 @@ def _b64(value: Any, what: str, path: str) -> bytes:
 def load_kubeconfig(path: str) -> KubeConfig:
     """Reads the current context of the kubeconfig at ``path`` (JSON or YAML)."""
     try:
-        text = _read(path)
+        text = _read(path, "utf-8-sig")  # a byte order mark is allowed, as kubectl allows it
     except OSError as e:
         raise KubeError(f"cannot read kubeconfig {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise KubeError(f"kubeconfig {path} is not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # a NUL in the path
+        raise KubeError(f"cannot read kubeconfig {path!r}: {e}") from None
     doc = _parse_document(path, text)
     if not isinstance(doc, dict):
         raise KubeError(f"kubeconfig {path} is not a mapping")
     ctx_name = doc.get("current-context")
-    contexts = [c for c in doc.get("contexts") or () if isinstance(c, dict)]
+    contexts = [c for c in _entries(doc, "contexts", path) if isinstance(c, dict)]
     if not ctx_name:
         if len(contexts) != 1:
             raise KubeError(f"kubeconfig {path} has no current-context")
@@ -229,13 +309,22 @@ def load_kubeconfig(path: str) -> KubeConfig:
 
     def rel(value: Any) -> str | None:
         # Paths in a kubeconfig are relative to the kubeconfig's own directory.
-        return os.path.join(base, str(value)) if value else None
+        if not value:
+            return None
+        if "\0" in str(value):
+            raise KubeError(f"kubeconfig {path}: the path {clip(str(value))} holds a NUL character")
+        return os.path.join(base, str(value))
 
     server = str(cluster.get("server") or "")
     try:
-        split_server(server)
+        ascii_host(split_server(server)[0])
     except ValueError as e:
-        raise KubeError(f"kubeconfig {path}: server {server!r} {e}") from None
+        raise KubeError(f"kubeconfig {path}: server {clip(server)} {e}") from None
+    if cluster.get("tls-server-name"):
+        try:
+            ascii_host(str(cluster["tls-server-name"]))
+        except ValueError as e:
+            raise KubeError(f"kubeconfig {path}: tls-server-name {e}") from None
     if cluster.get("insecure-skip-tls-verify"):
         raise KubeError(
             f"kubeconfig {path}: insecure-skip-tls-verify is not supported; give the cluster's CA"
@@ -243,6 +332,8 @@ def load_kubeconfig(path: str) -> KubeConfig:
     for unsupported in ("exec", "auth-provider", "username", "password"):
         if user.get(unsupported):
             raise KubeError(f"kubeconfig {path}: user {unsupported!r} authentication is not supported")
+    if user.get("token"):
+        _check_token(str(user["token"]), f"kubeconfig {path}")
     return KubeConfig(
         source=path,
         server=server,
@@ -302,7 +393,7 @@ def ssl_context(kc: KubeConfig) -> ssl.SSLContext:
         finally:
             for fd in fds:
                 os.close(fd)
-    except (OSError, ssl.SSLError) as e:
+    except (OSError, ssl.SSLError, ValueError) as e:
         raise KubeError(f"kubeconfig {kc.source}: cannot load TLS material: {e}") from None
     return ctx
 
@@ -346,11 +437,26 @@ def split_server(server: str) -> tuple[str, int, str]:
     port = 0
     if port_text:
         if not (port_text.isascii() and port_text.isdigit()):
-            raise ValueError(f"has an invalid port {port_text!r}")
-        port = int(port_text)
-        if port > 65535:
-            raise ValueError(f"has a port out of range: {port}")
+            raise ValueError(f"has an invalid port {clip(port_text)}")
+        number = uint(port_text, digits=5)
+        if number is None or number > 65535:
+            shown = port_text if len(port_text) <= 20 else f"{port_text[:20]}... ({len(port_text)} digits)"
+            raise ValueError(f"has a port out of range: {shown}")
+        port = number
     return host, port or 443, path.rstrip("/")
+
+
+def ascii_host(host: str) -> str:
+    """The host name as it goes on the wire (IDNA for a non-ASCII name); ValueError when it
+    cannot be one."""
+    if any(c <= " " or c == "\x7f" for c in host):
+        raise ValueError(f"has a host name with a blank or control character: {clip(host)}")
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"has a host name that is not valid: {clip(host)}") from None
 
 
 def quote_segment(s: str) -> str:
@@ -379,31 +485,89 @@ class Response(NamedTuple):
     body: bytes
 
 
-def _line(f: IO[bytes], what: str) -> bytes:
+class DeadlineReader:
+    """Buffered reads from a socket that all end by one ``time.monotonic()`` instant. A socket
+    timeout bounds each recv alone, so a server sending a byte at a time could otherwise hold a
+    request (and the pod start waiting on it) open for as long as it liked."""
+
+    __slots__ = ("_sock", "_end", "_buf", "_eof")
+
+    def __init__(self, sock: socket.socket, end: float) -> None:
+        self._sock = sock
+        self._end = end
+        self._buf = bytearray()
+        self._eof = False
+
+    def _fill(self) -> bool:
+        """One more recv into the buffer; False at the end of the stream."""
+        if self._eof:
+            return False
+        self._sock.settimeout(time_left(self._end))
+        data = self._sock.recv(16384)
+        if not data:
+            self._eof = True
+            return False
+        self._buf += data
+        return True
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def readline(self, size: int = -1, /) -> bytes:
+        """Up to and including the next LF, at most ``size`` bytes (all there is at the end)."""
+        searched = 0
+        while True:
+            nl = self._buf.find(b"\n", searched)
+            if nl != -1:
+                return self._take(nl + 1 if size < 0 else min(nl + 1, size))
+            if 0 <= size <= len(self._buf):
+                return self._take(size)
+            searched = len(self._buf)
+            if not self._fill():
+                return self._take(len(self._buf))
+
+    def read(self, size: int = -1, /) -> bytes:
+        """``size`` bytes, fewer only at the end of the stream (``-1``: up to the end)."""
+        while (size < 0 or len(self._buf) < size) and self._fill():
+            pass
+        return self._take(len(self._buf) if size < 0 else size)
+
+
+def time_left(end: float) -> float:
+    """Seconds until ``end`` (monotonic), for a socket timeout; TimeoutError once it has passed."""
+    left = end - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+def _line(f: Source, what: str) -> bytes:
     line = f.readline(MAX_LINE + 1)
     if len(line) > MAX_LINE:
         raise HTTPError(f"{what} longer than {MAX_LINE} bytes")
     return line
 
 
-def _exactly(f: IO[bytes], n: int) -> bytes:
+def _exactly(f: Source, n: int) -> bytes:
     data = f.read(n)
     if len(data) < n:
         raise HTTPError(f"the response ended early: {len(data)} of {n} body bytes")
     return data
 
 
-def _chunked(f: IO[bytes], limit: int) -> bytes:
+def _chunked(f: Source, limit: int) -> bytes:
     parts: list[bytes] = []
     total = 0
     while True:
         size_line = _line(f, "a chunk size line")
         if not size_line:
             raise HTTPError("the response ended inside its chunked body")
-        text = size_line.partition(b";")[0].strip()
-        if not text or text.strip(b"0123456789abcdefABCDEF"):
+        # More than 16 hex digits is no chunk size (Go's reader refuses them too).
+        size = uint(size_line.partition(b";")[0].strip().decode("latin-1"), base=16, digits=16)
+        if size is None:
             raise HTTPError(f"bad chunk size line {size_line[:40]!r}")
-        size = int(text, 16)
         if size == 0:
             break
         total += size
@@ -418,7 +582,7 @@ def _chunked(f: IO[bytes], limit: int) -> bytes:
     raise HTTPError(f"more than {MAX_HEADERS} trailer lines")
 
 
-def read_response(f: IO[bytes], limit: int = MAX_BODY) -> Response:
+def read_response(f: Source, limit: int = MAX_BODY) -> Response:
     """One HTTP/1.x response from ``f``: status line, header fields, then the body framed by
     chunked transfer-encoding, Content-Length, or the end of the connection. Interim 1xx
     responses are skipped. Raises HTTPError for anything malformed, TooLarge past ``limit``."""
@@ -468,10 +632,10 @@ def read_response(f: IO[bytes], limit: int = MAX_BODY) -> Response:
             raise TooLarge(limit)
     else:
         values = {v.strip() for v in headers["content-length"].split(",")}
-        text = values.pop()
-        if values or not (text.isascii() and text.isdigit()):
-            raise HTTPError(f"bad Content-Length {headers['content-length']!r}")
-        length = int(text)
+        # No body is 19 digits long; int() itself would raise past 4,300 digits.
+        length = uint(values.pop())
+        if values or length is None:
+            raise HTTPError(f"bad Content-Length {clip(headers['content-length'], 40)}")
         if length > limit:
             raise TooLarge(limit)
         body = _exactly(f, length)
@@ -495,11 +659,12 @@ def http_get(
     timeout: float,
     limit: int = MAX_BODY,
 ) -> Response:
-    """``GET target`` over a new TLS connection (``Connection: close``). ``server_hostname`` is the
-    name the certificate must carry (default ``host``). Raises OSError (ssl errors included),
+    """``GET target`` over a new TLS connection (``Connection: close``), all of it (connecting,
+    the handshake, sending, every read) done within ``timeout`` seconds. ``host`` and
+    ``server_hostname`` (the name the certificate must carry, default ``host``) are ASCII
+    (``ascii_host``). Raises OSError (ssl errors included; TimeoutError when time ran out),
     HTTPError or TooLarge."""
-    import socket
-
+    end = time.monotonic() + timeout
     authority = f"[{host}]" if ":" in host else host
     if port != 443:
         authority = f"{authority}:{port}"
@@ -507,16 +672,40 @@ def http_get(
     lines += [f"{k}: {v}" for k, v in headers.items()]
     lines += ["Connection: close", "", ""]
     request = "\r\n".join(lines).encode("latin-1")
-    # (socket accepts a bytes host; typeshed's annotation does not say so)
-    raw = socket.create_connection((_host_bytes(host), port), timeout=timeout)  # type: ignore[arg-type]
+    raw = _connect(host, port, end)
     try:
+        # CPython bounds the whole handshake by the timeout in force when it starts.
+        raw.settimeout(time_left(end))
         tls = ctx.wrap_socket(raw, server_hostname=_host_bytes(server_hostname or host))
     except BaseException:
         raw.close()
         raise
-    with tls, tls.makefile("rb") as f:
+    with tls:
+        tls.settimeout(time_left(end))
         tls.sendall(request)
-        return read_response(f, limit)
+        return read_response(DeadlineReader(tls, end), limit)
+
+
+def _connect(host: str, port: int, end: float) -> socket.socket:
+    """A TCP connection to the first of the host's addresses that answers, all tries within
+    ``end`` (socket.create_connection gives each address the whole timeout)."""
+    import socket
+
+    infos = socket.getaddrinfo(_host_bytes(host), port, type=socket.SOCK_STREAM)
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(time_left(end))
+            sock.connect(address)
+        except OSError as e:
+            sock.close()
+            if isinstance(e, TimeoutError):
+                raise
+            error = e
+        else:
+            return sock
+    raise error or OSError(f"no address for {host}")
 
 
 def get_pod(kc: KubeConfig, namespace: str, name: str, timeout: float) -> dict[str, Any]:
@@ -525,9 +714,14 @@ def get_pod(kc: KubeConfig, namespace: str, name: str, timeout: float) -> dict[s
 
     try:
         host, port, prefix = split_server(kc.server)
+        host = ascii_host(host)
+        server_name = ascii_host(kc.tls_server_name) if kc.tls_server_name else None
     except ValueError as e:
-        raise KubeError(f"server {kc.server!r} {e}") from None
-    target = f"{prefix}/api/v1/namespaces/{quote_segment(namespace)}/pods/{quote_segment(name)}"
+        raise KubeError(f"server {clip(kc.server)} {e}") from None
+    try:
+        target = f"{prefix}/api/v1/namespaces/{quote_segment(namespace)}/pods/{quote_segment(name)}"
+    except UnicodeEncodeError:
+        raise KubeError(f"pod {namespace!a}/{name!a}: not a name the API can hold") from None
     token = kc.bearer_token()
     headers = {"Accept": "application/json"}
     if token:
@@ -535,30 +729,53 @@ def get_pod(kc: KubeConfig, namespace: str, name: str, timeout: float) -> dict[s
     ctx = ssl_context(kc)
     try:
         # tls-server-name, when given, is the name the certificate must carry.
-        resp = http_get(ctx, host, port, target, headers, server_hostname=kc.tls_server_name, timeout=timeout)
+        resp = http_get(ctx, host, port, target, headers, server_hostname=server_name, timeout=timeout)
     except ssl.SSLCertVerificationError as e:
-        raise KubeError(f"TLS verification of {kc.server} failed: {e.verify_message}") from None
+        # Transient: the installer rewrites the kubeconfig when the cluster's CA is rotated.
+        raise KubeError(
+            f"TLS verification of {kc.server} failed: {e.verify_message}", transient=True
+        ) from None
     except TooLarge:
-        raise KubeError(f"GET {target}: response larger than {MAX_BODY} bytes") from None
+        raise KubeError(f"GET {target}: response larger than {MAX_BODY} bytes", transient=True) from None
+    except TimeoutError:
+        raise KubeError(
+            f"GET {kc.server}{target}: no complete response within {max(timeout, 0):.3g}s", transient=True
+        ) from None
     except (OSError, HTTPError) as e:
-        raise KubeError(f"GET {kc.server}{target}: {str(e) or type(e).__name__}") from None
+        raise KubeError(f"GET {kc.server}{target}: {str(e) or type(e).__name__}", transient=True) from None
     body = resp.body
     if resp.status != 200:
         detail = ""
         try:
             status = json.loads(body)
             if isinstance(status, dict) and status.get("message"):
-                detail = f": {status['message']}"
-        except ValueError:
+                detail = f": {shorten(str(status['message']))}"
+        except (ValueError, RecursionError):
             pass
-        raise KubeError(f"GET {target}: HTTP {resp.status} {resp.reason}{detail}")
+        raise KubeError(
+            f"GET {target}: HTTP {resp.status} {resp.reason}{detail}", transient=retry_status(resp.status)
+        )
     try:
         pod = json.loads(body)
-    except ValueError:
-        raise KubeError(f"GET {target}: the response is not JSON") from None
+    except (ValueError, RecursionError):
+        raise KubeError(f"GET {target}: the response is not JSON", transient=True) from None
     if not isinstance(pod, dict) or pod.get("kind", "Pod") != "Pod":
-        raise KubeError(f"GET {target}: the response is not a Pod")
+        raise KubeError(f"GET {target}: the response is not a Pod", transient=True)
     return pod
+
+
+def retry_status(status: int) -> bool:
+    """Whether an HTTP error status may go away by itself within the deadline.
+
+    5xx, 408 and 429: the server is overloaded, restarting or behind a failing proxy. 401: the
+    token expired or was rotated; install-cni rewrites the kubeconfig (and tokenFile is re-read
+    on every attempt), so the next attempt may carry the new one. 403: the RBAC binding that
+    grants the read is applied with the DaemonSet and may not be in force yet. Not 404: the
+    kubelet creates a pod's sandbox only for a Pod it read from the API (a mirror Pod before
+    a static pod's sandbox) and the GET is a quorum read, so the Pod has been deleted or the
+    server URL names the wrong path, and neither changes by waiting. Nor any other 4xx or
+    3xx: the same request gets the same answer."""
+    return status >= 500 or status in (401, 403, 408, 429)
 
 
 class RetryPolicy(NamedTuple):
@@ -580,25 +797,34 @@ def fetch_pod(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """GETs the Pod, retrying every failure (the kubeconfig is re-read each time, as the installer
-    may rewrite it) until ``policy.deadline``. ``on_failure(attempt, error)`` returning True stops
-    at once (the caller decided to go on without the Pod); the last error is then raised."""
+    """GETs the Pod, retrying transient failures (the kubeconfig is re-read each time, as the
+    installer may rewrite it) until ``policy.deadline``, which bounds every request too: each
+    ends by ``policy.request_timeout`` or the deadline, whichever comes first. A failure that no
+    retry can fix (``KubeError.transient`` false) is raised at once. ``on_failure(attempt,
+    error)`` is called for every failure; True stops at once (the caller decided to go on
+    without the Pod) and the error is raised."""
     policy = policy or RetryPolicy()
     start = clock()
     backoff = policy.initial_backoff
     attempt = 0
+    err: KubeError | None = None
     while True:
-        attempt += 1
         remaining = policy.deadline - (clock() - start)
+        # After a backoff that ran into the deadline: the last real failure, not a request
+        # given no time at all.
+        if err is not None and remaining <= 0.001:
+            raise KubeError(
+                f"gave up after {attempt} attempts in {policy.deadline:g}s: {err}", transient=True
+            )
+        attempt += 1
         try:
             kc = load_kubeconfig(kubeconfig)
-            return get_pod(kc, namespace, name, max(0.05, min(policy.request_timeout, remaining)))
+            return get_pod(kc, namespace, name, min(policy.request_timeout, remaining))
         except KubeError as e:
             err = e
         if on_failure is not None and on_failure(attempt, err):
             raise err
-        remaining = policy.deadline - (clock() - start)
-        if remaining <= 0:
-            raise KubeError(f"gave up after {attempt} attempts in {policy.deadline:g}s: {err}")
-        sleep(min(backoff, remaining))
+        if not err.transient:
+            raise err
+        sleep(max(0.0, min(backoff, policy.deadline - (clock() - start))))
         backoff = min(backoff * 2, policy.max_backoff)

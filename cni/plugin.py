@@ -33,6 +33,7 @@ from cni.protocol import (
     ERR_IO_FAILURE,
     ERR_PLUGIN_NOT_AVAILABLE,
     ERR_TRY_AGAIN_LATER,
+    ERR_UNKNOWN_CONTAINER,
     LATEST_VERSION,
     SUPPORTED_VERSIONS,
     TYPE_CHECKING,
@@ -50,6 +51,7 @@ from cni.protocol import (
     render_result,
     version_info,
 )
+from istio_iptables.lazylog import escape_controls
 from istio_iptables.lean import exit_now
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 
     from istio_iptables.config import Config
     from istio_iptables.executor import Executor
+    from istio_iptables.netns import Netns
 
 ABOUT = "istio-cni: the chained CNI plugin that installs the mesh's traffic capture rules in meshed pods"
 K8S_ARGS = frozenset({"K8S_POD_NAME", "K8S_POD_NAMESPACE", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"})
@@ -91,6 +94,8 @@ class Log:
                 self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
             except OSError as e:
                 self.file_error = f"cannot open log file {path}: {e.strerror}"
+            except ValueError as e:  # a NUL in the path: no file has such a name
+                self.file_error = f"cannot open log file {path}: {e}"
 
     def scoped(self, scope: str) -> Log:
         other = Log(self.stream)
@@ -102,14 +107,16 @@ class Log:
             return
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
-        scope = f"\t{self.scope}" if self.scope else ""
-        line = f"{stamp}\t{level}\tistio-cni{scope}\t{msg}\n"
+        # The scope and the message carry pod names, paths and command output: escaped, each
+        # record stays one line of tab-separated fields whatever they hold.
+        scope = f"\t{escape_controls(self.scope)}" if self.scope else ""
+        line = f"{stamp}\t{level}\tistio-cni{scope}\t{escape_controls(msg)}\n"
         for out in (self.stream, self.file):
             if out is not None:
                 try:
                     out.write(line)
                     out.flush()
-                except OSError:
+                except (OSError, ValueError):  # a closed stream: the record is lost, not the call
                     pass
 
     def debug(self, msg: str) -> None:
@@ -223,39 +230,52 @@ def _response(call: Call) -> dict[str, Any]:
     return render_result(Result(), call.conf.cni_version)
 
 
-def _check_netns(path: str) -> None:
-    """The namespace must exist and must not be the plugin's own (rules would land on the node)."""
+def _open_netns(path: str) -> Netns:
+    """CNI_NETNS, opened once: it must exist and must not be the plugin's own namespace (rules
+    would land on the node). Every later step uses this descriptor, never the path again, so a
+    path switched to another namespace meanwhile changes nothing. Whether it is a namespace file
+    at all is checked when it is used (a pass-through pod never enters it)."""
+    from istio_iptables.netns import MISSING, OWN, NetnsError, open_netns
+
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise CniError(
-            ERR_INVALID_NETNS, f"cannot open network namespace {path!r}", e.strerror or ""
-        ) from None
-    try:
-        own = os.stat("/proc/self/ns/net")
-    except OSError:
-        return
-    if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
-        raise CniError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same")
+        return open_netns(path, allow_own=False, check_kind=False)
+    except NetnsError as e:
+        if e.kind == MISSING:
+            raise CniError(
+                ERR_UNKNOWN_CONTAINER, f"cannot open network namespace {path!r}", os.strerror(e.errno or 2)
+            ) from None
+        if e.kind == OWN:
+            raise CniError(
+                ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same"
+            ) from None
+        raise CniError(ERR_INVALID_NETNS, f"cannot open network namespace {path!r}", str(e)) from None
 
 
 def cmd_add(call: Call) -> dict[str, Any]:
     response = _response(call)  # parses prevResult first: a bad one fails before anything is done
+    ns = _open_netns(call.inv.netns)
+    try:
+        _add(call, ns)
+    finally:
+        ns.close()
+    return response
+
+
+def _add(call: Call, ns: Netns) -> None:
     inv, conf = call.inv, call.conf
-    _check_netns(inv.netns)
     k8s = parse_cni_args(inv.args, K8S_ARGS)
     namespace, name = k8s.get("K8S_POD_NAMESPACE", ""), k8s.get("K8S_POD_NAME", "")
     log = call.log.scoped(f"pod={namespace}/{name}")
     if not namespace or not name:
         log.info("not a Kubernetes pod (no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS), passing through")
-        return response
+        return
     if namespace in conf.exclude_namespaces:
         log.info("pod namespace excluded, passing through")
-        return response
+        return
 
     pod = _read_pod(conf, namespace, name, log)
     if pod is None:
-        return response
+        return
 
     from cni.pod import PodError, build_config, pod_info, skip_reason
 
@@ -266,20 +286,20 @@ def cmd_add(call: Call) -> dict[str, Any]:
     reason = skip_reason(info)
     if reason is not None:
         log.info(f"{reason}, passing through")
-        return response
+        return
     from istio_iptables.config import ConfigError
+    from istio_iptables.lazylog import shown
 
     try:
-        capture = build_config(info, _pod_addresses(call))
+        capture = build_config(info, _pod_addresses(call, ns))
     except ConfigError as e:
         # Nothing has been installed: the pod does not start without its rules.
         raise CniError(
-            ERR_INTERNAL, f"pod {namespace}/{name}: invalid {e.source} value {e.value!r}", e.reason
+            ERR_INTERNAL, f"pod {namespace}/{name}: invalid {e.source} value {shown(e.value)}", e.reason
         ) from None
     for note in capture.notes:
         log.warn(note)
-    _install(call, capture.config, log)
-    return response
+    _install(call, capture.config, log, ns)
 
 
 def _read_pod(conf: PluginConf, namespace: str, name: str, log: Log) -> dict[str, Any] | None:
@@ -324,8 +344,11 @@ def _read_pod(conf: PluginConf, namespace: str, name: str, log: Log) -> dict[str
         ) from None
 
 
-def _pod_addresses(call: Call) -> list[Any]:
-    """The pod's addresses: from prevResult (container-side interfaces), else from the namespace."""
+def _pod_addresses(call: Call, ns: Netns) -> list[Any]:
+    """The pod's addresses: from prevResult (container-side interfaces), else from the namespace,
+    read over netlink as istio-iptables reads them: every IPv4 address, then every IPv6 one (Go's
+    net.InterfaceAddrs order, which Istio's plugin sees), so without dual stack an address of
+    each family means IPv4 rules."""
     import ipaddress
 
     raw = call.raw.get("prevResult")
@@ -339,27 +362,35 @@ def _pod_addresses(call: Call) -> list[Any]:
             addrs.append(ipaddress.ip_interface(ip["address"]).ip)
         if addrs:
             return addrs
-    from istio_iptables.executor import RealExecutor, in_netns
+    from istio_iptables import netlink
+    from istio_iptables.netns import NetnsError
 
-    ex = call.executor or RealExecutor()
-    done = ex.run(in_netns(call.inv.netns, ["ip", "-o", "addr", "show"]), timeout=10)
-    if not done.ok:
-        call.log.warn(f"cannot list the pod's addresses: {done.stderr.strip()}")
-    found = []
-    for line in done.stdout.splitlines():
-        fields = line.split()
-        if len(fields) >= 4 and fields[2] in ("inet", "inet6"):
-            try:
-                found.append(ipaddress.ip_interface(fields[3]).ip)
-            except ValueError:
-                continue
+    try:
+        ns.check_kind()
+        listed = netlink.in_netns(ns, netlink.local_addresses)
+    except (NetnsError, netlink.NetlinkError) as e:
+        call.log.warn(f"cannot list the pod's addresses: {e}")
+        listed = []
+    found = [ipaddress.ip_address(a) for a in listed]
     if all(a.is_loopback or a.is_link_local for a in found):
         # Istio fails here; a pod without an address yet gets the IPv4 rules.
         call.log.warn("the pod has no address yet; planning IPv4 rules only")
     return found
 
 
-def _install(call: Call, config: Config, log: Log) -> None:
+# Seconds an ADD waits for a pod namespace that another apply holds (a retried ADD), and for a
+# busy xtables lock: Istio's --wait=30.
+LOCK_WAIT = 30
+
+# What a runtime should make of each way applying can fail (ApplyError kinds).
+_APPLY_CODES = {
+    "lock": ERR_TRY_AGAIN_LATER,  # another apply into this pod, or a held xtables lock
+    "netns": ERR_UNKNOWN_CONTAINER,  # the namespace went away meanwhile
+    "binary-missing": ERR_PLUGIN_NOT_AVAILABLE,  # the node (or bundle) lacks iptables
+}
+
+
+def _install(call: Call, config: Config, log: Log, ns: Netns) -> None:
     from istio_iptables.apply import ApplyError, apply
     from istio_iptables.config import ApplyOptions
     from istio_iptables.planner import plan
@@ -373,14 +404,17 @@ def _install(call: Call, config: Config, log: Log) -> None:
         native_nftables=call.conf.native_nftables,
     )
     start = time.monotonic()
+    where = f"failed to install the capture rules in {call.inv.netns}"
+    from istio_iptables.netns import NetnsError
+
     try:
-        apply(ruleset, opts, call.executor)
+        ns.check_kind()
+    except NetnsError as e:
+        raise CniError(ERR_INVALID_NETNS, where, str(e)) from None
+    try:
+        apply(ruleset, opts, call.executor, netns=ns, lock_wait=LOCK_WAIT)
     except ApplyError as e:
-        raise CniError(
-            ERR_INTERNAL,
-            f"failed to install the capture rules in {call.inv.netns}",
-            str(getattr(e, "message", e)),
-        ) from None
+        raise CniError(_APPLY_CODES.get(e.kind, ERR_INTERNAL), where, str(getattr(e, "message", e))) from None
     mode = config.interception_mode.value
     families = "IPv4+IPv6" if config.enable_ipv6 else "IPv4"
     log.info(
@@ -432,68 +466,93 @@ HANDLERS: dict[str, Callable[[Call], dict[str, Any] | None]] = {
 
 def run(
     environ: Mapping[str, str],
-    stdin: IO[bytes],
-    stdout: IO[str],
+    stdin: IO[bytes] | None,
+    stdout: IO[str] | None,
     stderr: IO[str],
     executor: Executor | None = None,
 ) -> int:
-    """One plugin invocation; returns the exit status. Only the result or error goes to stdout."""
+    """One plugin invocation; returns the exit status. Only the result or error goes to stdout,
+    as one JSON document written when the call is done (``stdin`` or ``stdout`` None: the runtime
+    closed it)."""
+    from istio_iptables import lazylog
+
     log = Log(stderr)
     version = LATEST_VERSION  # for an error reported before the configuration is read
+    previous_sink = lazylog.get_sink()
+    code, doc = 0, None
     try:
         if not environ.get("CNI_COMMAND"):
-            stderr.write(f"{ABOUT}\nCNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
+            try:  # noqa: SIM105 - contextlib.suppress would be one more import
+                stderr.write(f"{ABOUT}\nCNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
+            except (OSError, ValueError):
+                pass
             return 0
         inv = read_environment(environ)
         if inv.command == "VERSION":
-            stdout.write(dumps(version_info()))
-            return 0
-        try:
-            data = stdin.read()
-        except OSError as e:
-            raise CniError(ERR_IO_FAILURE, "error reading from stdin", str(e)) from None
-        raw = parse_netconf(data)
-        requested = config_version(raw)
-        if requested in SUPPORTED_VERSIONS:
-            version = requested
-        check_version(inv.command, requested)
-        try:
-            conf = PluginConf.parse(raw, version)
-        except CniError:
-            if inv.command == "ADD":
-                raise
-            # DEL and friends must not fail on a key they do not use.
-            conf = PluginConf(cni_version=version)
-        log = Log(stderr, conf.log_level, conf.log_file)
-        if log.file_error:
-            log.warn(log.file_error)
-        _route_applier_logs(log)
-        call = Call(inv=inv._replace(stdin=data), raw=raw, conf=conf, log=log, executor=executor)
-        result = HANDLERS[inv.command](call)
-        if result is not None:
-            stdout.write(dumps(result))
-        return 0
+            doc = version_info()
+        else:
+            if stdin is None:
+                raise CniError(ERR_IO_FAILURE, "error reading from stdin", "stdin is closed")
+            try:
+                data = stdin.read()
+            except (OSError, ValueError) as e:  # ValueError: a stream closed meanwhile
+                raise CniError(ERR_IO_FAILURE, "error reading from stdin", str(e)) from None
+            raw = parse_netconf(data)
+            requested = config_version(raw)
+            if requested in SUPPORTED_VERSIONS:
+                version = requested
+            check_version(inv.command, requested)
+            try:
+                conf = PluginConf.parse(raw, version)
+                if "\0" in conf.kubeconfig:
+                    # No file has such a name; open() would say so with a ValueError, not OSError.
+                    raise _bad_key("kubernetes.kubeconfig", conf.kubeconfig, "a file path")
+            except CniError:
+                if inv.command == "ADD":
+                    raise
+                # DEL and friends must not fail on a key they do not use.
+                conf = PluginConf(cni_version=version)
+            log = Log(stderr, conf.log_level, conf.log_file)
+            if log.file_error:
+                log.warn(log.file_error)
+            _route_applier_logs(log)
+            call = Call(inv=inv._replace(stdin=data), raw=raw, conf=conf, log=log, executor=executor)
+            doc = HANDLERS[inv.command](call)
     except CniError as e:
         log.error(f"{e.msg}{': ' + e.details if e.details else ''}")
-        stdout.write(dumps(e.to_json(version)))
-        return 1
+        code, doc = 1, e.to_json(version)
     except Exception as e:  # noqa: BLE001 - a runtime must get a CNI error, never a traceback
         import traceback
 
         log.error(f"internal error: {traceback.format_exc()}")
-        stdout.write(
-            dumps(
-                CniError(ERR_INTERNAL, f"istio-cni internal error: {type(e).__name__}: {e}").to_json(version)
-            )
-        )
-        return 1
+        code = 1
+        doc = CniError(ERR_INTERNAL, f"istio-cni internal error: {type(e).__name__}: {e}").to_json(version)
+    finally:
+        # In-process callers (tests) find the applier's records going where they went before.
+        lazylog.set_sink(previous_sink)
+    if doc is not None:
+        try:
+            if stdout is None:
+                raise OSError("stdout is closed")
+            stdout.write(dumps(doc))
+            stdout.flush()
+        except (OSError, ValueError) as e:
+            # The runtime gets no answer: a failure, and nothing more that could be written there.
+            log.error(f"cannot write the {'error' if code else 'result'} to stdout: {e}")
+            return 1
+    return code
 
 
 def main() -> None:
     """Console entry point."""
+    # A runtime may start the plugin with a standard stream closed (Python has None there then):
+    # a closed stdin fails the commands that read it, a closed stdout every command that answers
+    # (the answer cannot be delivered); the log meant for a closed stderr is dropped.
+    stdin = sys.stdin.buffer if sys.stdin is not None else None
     stdout = sys.stdout
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     # Anything stray (a library's print) must not corrupt the result: route it to stderr.
     sys.stdout = sys.stderr
-    code = run(os.environ, sys.stdin.buffer, stdout, sys.stderr)
-    stdout.flush()
+    code = run(os.environ, stdin, stdout, sys.stderr)
     exit_now(code)

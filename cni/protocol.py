@@ -1,15 +1,18 @@
 """The CNI protocol, independent of what the plugin does: the environment and stdin a runtime
 passes, version negotiation, result conversion between spec versions, and the error object.
 
-This module is on every ``istio-cni`` start, so it imports only ``json`` at module level: no
-``typing`` (NamedTuple classes come from ``istio_iptables.lean``), no ``dataclasses`` (it pulls in
-``inspect``), and ``ipaddress`` only where an address is read.
+This module is on every ``istio-cni`` start, so it imports only ``json`` at module level (besides
+``os``, loaded with the interpreter, and ``istio_iptables.lazylog``, which needs nothing more than
+``lean``): no ``typing`` (NamedTuple classes come from ``istio_iptables.lean``), no
+``dataclasses`` (it pulls in ``inspect``), and ``ipaddress`` only where an address is read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
+from istio_iptables.lazylog import shown
 from istio_iptables.lean import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -60,6 +63,18 @@ def _valid_id(s: str) -> bool:
     return bool(s) and s[0] in _ID_FIRST and all(c in _ID_CHARS for c in s)
 
 
+def _is_text(s: str) -> bool:
+    """False when ``s`` holds a surrogate: os.environ's stand-in for a byte that is not UTF-8, or
+    an unpaired ``\\ud800``-style escape in JSON."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class CniError(Exception):
     """A failure reported to the runtime as the CNI error object."""
 
@@ -102,6 +117,8 @@ def read_environment(environ: Mapping[str, str]) -> Invocation:
     missing = [name for name in _REQUIRED_ENV[command] if not environ.get(name)]
     if missing:
         raise CniError(ERR_INVALID_ENVIRONMENT, f"required env variables [{','.join(missing)}] missing")
+    for name in _PASSED_ON:
+        _check_os_text(name, environ.get(name, ""))
     inv = Invocation(
         command=command,
         container_id=environ.get("CNI_CONTAINERID", ""),
@@ -114,6 +131,24 @@ def read_environment(environ: Mapping[str, str]) -> Invocation:
         validate_container_id(inv.container_id)
         validate_ifname(inv.ifname)
     return inv
+
+
+# The variables whose values end up in paths, messages and log lines.
+_PASSED_ON = ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+
+
+def _check_os_text(name: str, value: str) -> None:
+    """A process environment holds no NUL, and os.environ holds no surrogate that os.fsencode
+    cannot turn back into the bytes it came from; a caller's mapping might (run() is also called
+    in-process), and os.stat() or open() would then fail with a ValueError, not an OSError."""
+    if "\0" in value:
+        raise CniError(ERR_INVALID_ENVIRONMENT, f"invalid {name}", "contains a NUL character")
+    if not value.isascii():
+        try:
+            os.fsencode(value)
+        except UnicodeEncodeError:
+            why = f"holds a character no environment variable can carry: {shown(value)}"
+            raise CniError(ERR_INVALID_ENVIRONMENT, f"invalid {name}", why) from None
 
 
 def validate_container_id(cid: str) -> None:
@@ -137,14 +172,52 @@ def validate_ifname(name: str) -> None:
         raise CniError(ERR_INVALID_ENVIRONMENT, "interface name contains / or : or whitespace characters")
 
 
+# A network configuration is a few levels deep (prevResult's interfaces are at the fourth). The
+# decoder's own limit is Python's recursion limit, which is not a fixed depth: near it the
+# document decodes but the first repr() of a value in an error message recurses too deep. Below
+# this depth every later step is safe.
+MAX_DEPTH = 64
+
+
+def _undecodable(conf: Any) -> str | None:
+    """Why a decoded document cannot be used (None: it can): nested deeper than MAX_DEPTH, or a
+    string (or key) holding an unpaired UTF-16 surrogate (from an escape such as ``\\ud800``),
+    which is not text: no log file and no path given to the OS could hold it. Walked without
+    recursion."""
+    todo: list[tuple[Any, int]] = [(conf, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                return f"a string holds an unpaired surrogate: {shown(value)}"
+            continue
+        if isinstance(value, dict):
+            items: list[Any] = [*value, *value.values()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        todo.extend((item, depth + 1) for item in items)
+    return None
+
+
 def parse_netconf(data: bytes) -> dict[str, Any]:
     """The network configuration from stdin: a JSON object with a valid ``name``."""
     try:
         conf = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:
+        # JSONDecodeError, UnicodeDecodeError, and a number of more digits than int() converts.
         raise CniError(ERR_DECODING_FAILURE, "error unmarshalling network config", str(e)) from None
+    except RecursionError:
+        deep = f"nested deeper than {MAX_DEPTH} levels"
+        raise CniError(ERR_DECODING_FAILURE, "error unmarshalling network config", deep) from None
     if not isinstance(conf, dict):
         raise CniError(ERR_DECODING_FAILURE, "error unmarshalling network config", "not a JSON object")
+    why = _undecodable(conf)
+    if why is not None:
+        raise CniError(ERR_DECODING_FAILURE, "error unmarshalling network config", why)
     name = conf.get("name")
     if not name:
         raise CniError(ERR_INVALID_NETWORK_CONFIG, "missing network name")
@@ -161,12 +234,25 @@ def config_version(conf: Mapping[str, Any]) -> str:
     return v or IMPLICIT_VERSION
 
 
+# Versions are only compared with the few of _MIN_VERSION, so a component is capped here rather
+# than converted: int() refuses more than 4300 digits with a ValueError of its own.
+_COMPONENT_DIGITS = 9
+
+
+def _version_component(p: str) -> int:
+    significant = p.lstrip("0")
+    if len(significant) > _COMPONENT_DIGITS:
+        return 10**_COMPONENT_DIGITS
+    return int(significant) if significant else 0
+
+
 def _version_tuple(v: str) -> tuple[int, int, int]:
     parts = v.split(".")
-    # As the pattern (\d+)\.(\d+)\.(\d+) would: decimal digits only, no signs or spaces.
-    if len(parts) != 3 or not all(p.isdecimal() for p in parts):
-        raise CniError(ERR_DECODING_FAILURE, f"invalid version {v!r}: expected MAJOR.MINOR.PATCH")
-    return int(parts[0]), int(parts[1]), int(parts[2])
+    # As libcni's pattern (\d+)\.(\d+)\.(\d+) would (Go's \d): ASCII digits only, no signs or spaces.
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise CniError(ERR_DECODING_FAILURE, f"invalid version {shown(v)}: expected MAJOR.MINOR.PATCH")
+    major, minor, patch = (_version_component(p) for p in parts)
+    return major, minor, patch
 
 
 def check_version(command: str, version: str) -> None:
@@ -174,13 +260,15 @@ def check_version(command: str, version: str) -> None:
     minimum = _MIN_VERSION.get(command)
     if minimum is not None and _version_tuple(version) < _version_tuple(minimum):
         raise CniError(
-            ERR_INCOMPATIBLE_VERSION, f"config version does not allow {command}", f"config is {version!r}"
+            ERR_INCOMPATIBLE_VERSION,
+            f"config version does not allow {command}",
+            f"config is {shown(version)}",
         )
     if version not in SUPPORTED_VERSIONS:
         raise CniError(
             ERR_INCOMPATIBLE_VERSION,
             "incompatible CNI versions",
-            f"config is {version!r}, plugin supports {list(SUPPORTED_VERSIONS)}",
+            f"config is {shown(version)}, plugin supports {list(SUPPORTED_VERSIONS)}",
         )
 
 
@@ -216,6 +304,11 @@ def parse_cni_args(raw: str, known: frozenset[str]) -> dict[str, str]:
                     ERR_INVALID_ENVIRONMENT, "invalid CNI_ARGS", f"IgnoreUnknown: invalid boolean {value!r}"
                 )
         elif key in known:
+            if not _is_text(value):
+                # Bytes that are not UTF-8 (os.environ keeps them as surrogates): no Kubernetes name
+                # is made of them, and they could not be put in an API request.
+                why = f"{key}: not UTF-8: {shown(value)}"
+                raise CniError(ERR_INVALID_ENVIRONMENT, "invalid CNI_ARGS", why)
             out[key] = value
         else:
             unknown.append(pair)

@@ -30,6 +30,7 @@ from . import state as st
 from .executor import CommandNotFound, RealExecutor, in_netns
 from .lazylog import get_logger
 from .lean import TYPE_CHECKING
+from .netns import BUSY, Netns, NetnsError, open_netns
 from .ruleset import BUILTIN_CHAINS, Family
 
 if TYPE_CHECKING:
@@ -137,20 +138,12 @@ def host_needs_local_lookups(path: str = "/etc/nsswitch.conf") -> bool:
         return True
 
 
-def check_netns(path: str | None) -> None:
-    """Raise ApplyError unless ``path`` is None or names a network namespace file."""
-    if path is None:
-        return
+def open_target(path: str | None) -> Netns:
+    """Open the namespace at ``path`` (None: this thread's) for a run. Raises ApplyError."""
     try:
-        st_path = os.stat(path)
-    except OSError as e:
-        raise ApplyError(f"network namespace {path}: {e.strerror}", 1, NETNS) from e
-    try:
-        nsfs = os.stat("/proc/self/ns/net").st_dev
-    except OSError:  # no /proc: leave the final word to nsenter
-        return
-    if st_path.st_dev != nsfs:
-        raise ApplyError(f"network namespace {path}: not a namespace file", 1, NETNS)
+        return open_netns(path)
+    except NetnsError as e:
+        raise ApplyError(str(e), 1, NETNS) from None
 
 
 _LEGACY_TABLE_NAMES = {Family.V4: "ip_tables_names", Family.V6: "ip6_tables_names"}
@@ -196,8 +189,9 @@ def table_presence() -> dict[tuple[Family, str], bool]:
 class _Target:
     """Runs iptables binaries inside the target namespace, through the executor."""
 
-    def __init__(self, executor: Executor, opts: ApplyOptions, lock_wait: int) -> None:
+    def __init__(self, executor: Executor, opts: ApplyOptions, lock_wait: int, ns: Netns) -> None:
         self.executor = executor
+        self.ns = ns
         self.netns = opts.network_namespace
         # Real commands run from inside the namespace, which the applying thread enters for the
         # whole run (no nsenter process per command); recorded ones are prefixed with nsenter, so
@@ -205,8 +199,12 @@ class _Target:
         self.inside = self.netns is not None and isinstance(executor, RealExecutor)
         self.cmd_netns = None if self.inside else self.netns
         self.lock_wait = lock_wait
-        # A pod-scoped lock: the pod's namespace file is unique to it and is never deleted under us.
-        self.lockfile = self.netns if opts.cni_mode and self.netns else None
+        # The whole run holds the namespace's own lock (run_locked), which in CNI mode is also the
+        # pod's xtables lock (Istio's convention: XTABLES_LOCKFILE is the namespace file). Our
+        # legacy restores must not wait for the lock their own run holds, so they lock a private
+        # file instead (see _xtables_lockfile); nothing else shares the pod's tables with us.
+        self.cni_mode = opts.cni_mode
+        self._xtables_fd: int | None = None
         # Restores one after the other (CNI mode) or the families' together (see _commit).
         self.one_at_a_time = opts.cni_mode
         self.local_lookups = host_needs_local_lookups()
@@ -222,7 +220,7 @@ class _Target:
         if not isinstance(self.executor, RealExecutor):
             return None
         if self._tables is None:
-            # Real commands run from inside the target namespace (run_inside), so this thread
+            # Real commands run from inside the target namespace (run_locked), so this thread
             # looks at the namespace's own tables.
             self._tables = table_presence()
         return self._tables.get((family, variant))
@@ -231,34 +229,53 @@ class _Target:
         return self.has_tables(family, backends.LEGACY)
 
     def deleted_error(self) -> ApplyError | None:
-        """The error to report when the namespace file no longer names the namespace this thread
-        is in (the runtime deleted it while we worked inside); None while it does."""
-        if not self.inside or self.netns is None:
-            return None
-        try:
-            there, here = os.stat(self.netns), os.stat("/proc/thread-self/ns/net")
-        except FileNotFoundError:
-            there = None
-        except OSError:
-            return None
-        if there is not None and (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino):
+        """The error to report when the namespace file no longer names the namespace this run
+        works in (the runtime deleted it meanwhile); None while it does."""
+        if not self.inside or self.netns is None or self.ns.named_by(self.netns):
             return None
         return ApplyError(f"network namespace {self.netns}: deleted while applying", 1, NETNS)
 
-    def run_inside(self, fn: Callable[[], None]) -> None:
-        """``fn()`` with the calling thread inside the target namespace when commands run for real
-        (see __init__), and back in its own namespace afterwards."""
-        from .netlink import NetlinkError, entered
+    @property
+    def route_netns(self) -> str | None:
+        """Where routes.py works: here, when this thread is inside the namespace (by its
+        descriptor); a recorded run names the path, as its commands do."""
+        return self.cmd_netns
 
-        inside = entered(self.netns if self.inside else None)
+    def run_locked(self, fn: Callable[[], None]) -> None:
+        """``fn()`` holding the namespace's lock, with the calling thread inside the namespace
+        when commands run for real (see __init__), and back in its own namespace afterwards."""
         try:
-            inside.__enter__()
-        except NetlinkError as e:
-            raise ApplyError(f"network namespace {self.netns}: {e}", 1, NETNS) from e
+            self.ns.check_kind()
+            self.ns.lock(self.lock_wait)
+        except NetnsError as e:
+            raise ApplyError(str(e), 1, LOCK if e.kind == BUSY else NETNS) from None
         try:
-            fn()
+            if not self.inside:
+                fn()
+                return
+            try:
+                inside = self.ns.entered()
+                inside.__enter__()
+            except NetnsError as e:
+                raise ApplyError(str(e), 1, NETNS) from None
+            try:
+                fn()
+            finally:
+                inside.__exit__(None, None, None)
         finally:
-            inside.__exit__(None, None, None)
+            self.ns.unlock()
+            if self._xtables_fd is not None:
+                os.close(self._xtables_fd)
+                self._xtables_fd = None
+
+    def _xtables_lockfile(self) -> str:
+        """A lock file for our legacy restores in CNI mode: an anonymous in-memory file that each
+        child opens by its inherited descriptor, so they lock something only they know of."""
+        if self._xtables_fd is None:
+            fd = os.memfd_create("xtables.lock", 0)
+            os.set_inheritable(fd, True)
+            self._xtables_fd = fd
+        return f"/proc/self/fd/{self._xtables_fd}"
 
     def _run(self, argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> Completed:
         return self._start(argv, stdin, env)()
@@ -305,7 +322,7 @@ class _Target:
     def start_restore(self, b: backends.Backend, doc: str) -> Callable[[], Completed]:
         """Start ``b``'s restore of ``doc``; the returned function waits for it."""
         cmd = [b.restore, "--noflush", f"--wait={self.lock_wait}"]
-        env = {"XTABLES_LOCKFILE": self.lockfile} if b.legacy and self.lockfile else None
+        env = {"XTABLES_LOCKFILE": self._xtables_lockfile()} if b.legacy and self.cni_mode else None
         # Only owner matches make iptables look names up (even numeric ones: getpwnam first).
         if self.local_lookups and "-owner" in doc:
             net = ["--net", self.cmd_netns] if self.cmd_netns else []
@@ -377,6 +394,9 @@ class _Family:
         self.origins: list[str | None] | None = None
         self.action = ""
         self.changed = False
+        # Our plain rules in built-in chains, in iptables-save's spelling, once check chains have
+        # shown it: what a rollback may delete besides jumps to our chains.
+        self.known: st.Known | None = None
 
     @property
     def name(self) -> str:
@@ -399,6 +419,8 @@ def _open(
         )
     except ValueError as e:
         raise ApplyError(str(e), 1, OPTIONS) from e
+    except backends.BackendBusy as e:
+        raise ApplyError(str(e), 1, LOCK) from e
     except backends.BackendError as e:
         if not required:
             log.info("%s: not inspected: %s", _fam(family), e)
@@ -446,16 +468,39 @@ def _load_checks(
     return st.parse_save(saved.stdout), load
 
 
+def _known_for_rollback(target: _Target, fam: _Family) -> st.Known | None:
+    """Our plain built-in-chain rules in iptables-save's spelling, for a rollback to tell them from
+    rules others added meanwhile: known from this run's check chains, else learned now (only a
+    configuration with such rules - TPROXY, DNS, excluded interfaces - needs it). None when they
+    cannot be learned: then every rule added since counts as ours, so that none of ours stays."""
+    if fam.known is not None or fam.expected is None:
+        return fam.known or {}
+    sections = fam.sections or st.parse_restore(_render(fam.expected))
+    if not any(_plain_builtin_rule(t, ln) for t, sec in sections.items() for ln in sec.lines):
+        return {}
+    fam.sections = sections
+    try:
+        now, load = _load_checks(target, fam, _plain_builtin_rule)
+    except ApplyError as e:
+        log.warning("%s: cannot tell our rules in built-in chains from others' to roll back: %s", fam.name, e)
+        return None
+    fam.known = st.expected_from_checks(now, load.names).known()
+    return fam.known
+
+
 def _put_back(target: _Target, families: Sequence[_Family]) -> None:
-    """Undo whatever this run changed in these families (best effort; logs what it could not)."""
+    """Undo whatever this run changed in these families (best effort; logs what it could not).
+
+    Only our own part moves back: rules others added or removed meanwhile stay as they are."""
     for fam in families:
         if not fam.changed:
             continue
+        known = _known_for_rollback(target, fam)
         res = target.save(fam.backend)
         if not res.ok:
             log.error("%s: cannot read state to roll back: %s", fam.name, res.stderr.strip())
             continue
-        doc = st.revert(fam.before, st.parse_save(res.stdout))
+        doc = st.revert(fam.before, st.parse_save(res.stdout), known)
         if not doc:
             fam.changed = False
             continue
@@ -528,13 +573,26 @@ def _decide(
             continue
         now, load = _load_checks(target, fam)
         expected = st.expected_from_checks(now, load.names)
-        current = st.find_ours(st.without_checks(now), expected.known())
+        fam.known = expected.known()
+        current = st.find_ours(st.without_checks(now), fam.known)
         checks = st.check_chains(now)
         differences = st.describe_drift(current, expected)
         if not differences and not opts.force_apply:
             log.info("%s: rules already in place (%s), nothing to do", fam.name, current.summary())
             fam.document = st.transition(st.Ours(), {}, checks)
             fam.action = "removing check chains"
+            continue
+        missing = st.missing_tables(current, expected) if differences and not opts.force_apply else None
+        if missing:
+            log.info(
+                "%s: completing the rules of an interrupted run of this configuration (%s in place;"
+                " missing tables: %s)",
+                fam.name,
+                current.summary(),
+                ", ".join(missing),
+            )
+            fam.document = st.transition(st.Ours(), {t: fam.sections[t] for t in missing}, checks)
+            fam.action = "completing our rules"
             continue
         if differences and not replace_ok:
             drift += [f"{fam.name} {d}" for d in differences]
@@ -550,27 +608,38 @@ def _decide(
 
 
 def apply(
-    rs: Ruleset, opts: ApplyOptions, executor: Executor | None = None, *, lock_wait: int = DEFAULT_LOCK_WAIT
+    rs: Ruleset,
+    opts: ApplyOptions,
+    executor: Executor | None = None,
+    *,
+    lock_wait: int = DEFAULT_LOCK_WAIT,
+    netns: Netns | None = None,
 ) -> None:
     """Install ``rs`` in the target namespace (see the module docstring). Raises ApplyError.
 
     ``opts.cleanup_only`` removes ours instead; ``opts.skip_rule_apply`` and ``opts.dry_run`` do
-    nothing. ``lock_wait``: seconds to wait for the xtables lock.
+    nothing. ``lock_wait``: seconds to wait for the namespace's lock and the xtables lock.
+    ``netns``: the target namespace already open (by the caller that checked it); by default
+    ``opts.network_namespace`` is opened here.
     """
     if opts.dry_run:
         log.info("dry run: not applying rules")
         return
     if opts.cleanup_only:
-        cleanup(opts, executor, enable_ipv6=True, ruleset=rs, lock_wait=lock_wait)
+        cleanup(opts, executor, enable_ipv6=True, ruleset=rs, lock_wait=lock_wait, netns=netns)
         return
     if opts.skip_rule_apply:
         log.info("--skip-rule-apply: not applying rules")
         return
     if opts.native_nftables:
         log.warning("--native-nftables is not implemented: installing the rules with iptables")
-    check_netns(opts.network_namespace)
-    target = _Target(executor or RealExecutor(), opts, lock_wait)
-    target.run_inside(lambda: _apply(target, rs, opts))
+    ns = netns or open_target(opts.network_namespace)
+    try:
+        target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
+        target.run_locked(lambda: _apply(target, rs, opts))
+    finally:
+        if netns is None:
+            ns.close()
 
 
 def _apply(target: _Target, rs: Ruleset, opts: ApplyOptions) -> None:
@@ -612,7 +681,7 @@ def _apply(target: _Target, rs: Ruleset, opts: ApplyOptions) -> None:
         from . import routes  # deferred: pyroute2 is imported there only for policy routes
 
         try:
-            routes.apply_routes(rs.routes, rs.loopback_addresses, opts.network_namespace)
+            routes.apply_routes(rs.routes, rs.loopback_addresses, target.route_netns)
         except routes.RoutesError as e:
             gone = target.deleted_error()
             if gone is not None:
@@ -635,6 +704,7 @@ def cleanup(
     enable_ipv6: bool = True,
     ruleset: Ruleset | None = None,
     lock_wait: int = DEFAULT_LOCK_WAIT,
+    netns: Netns | None = None,
 ) -> None:
     """Remove every ISTIO chain and every jump into one, in every table, for IPv4 and (unless
     ``enable_ipv6`` is False) IPv6, in both backends (only the forced one with
@@ -644,9 +714,13 @@ def cleanup(
     if opts.dry_run:
         log.info("dry run: not removing rules")
         return
-    check_netns(opts.network_namespace)
-    target = _Target(executor or RealExecutor(), opts, lock_wait)
-    target.run_inside(lambda: _cleanup(target, opts, enable_ipv6, ruleset))
+    ns = netns or open_target(opts.network_namespace)
+    try:
+        target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
+        target.run_locked(lambda: _cleanup(target, opts, enable_ipv6, ruleset))
+    finally:
+        if netns is None:
+            ns.close()
 
 
 def _cleanup(target: _Target, opts: ApplyOptions, enable_ipv6: bool, ruleset: Ruleset | None) -> None:
@@ -694,7 +768,7 @@ def _cleanup(target: _Target, opts: ApplyOptions, enable_ipv6: bool, ruleset: Ru
 
         try:
             for item in routes.remove_routes(
-                ruleset.routes, ruleset.loopback_addresses, opts.network_namespace
+                ruleset.routes, ruleset.loopback_addresses, target.route_netns
             ):
                 log.info("removed %s", item)
         except routes.RoutesError as e:

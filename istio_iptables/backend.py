@@ -43,6 +43,19 @@ class BackendError(Exception):
     """No usable iptables binaries (message says which were looked for)."""
 
 
+class BackendBusy(BackendError):
+    """The legacy tables hold rules but their xtables lock was not free within the wait.
+
+    Busy is not unusable: the rules must not go to the other backend, where the packets of a
+    namespace that uses legacy would never see them. The caller reports it ("try again later").
+    """
+
+
+def lock_held(stderr: str) -> bool:
+    """Whether an iptables command failed because another process held the xtables lock."""
+    return "xtables lock" in stderr
+
+
 class Backend(NamedTuple):
     """The restore and save binaries of one variant for one family."""
 
@@ -151,6 +164,11 @@ def _detect(
             probe = restore(legacy, PROBE_DOCUMENT)
             if probe.ok:
                 return Choice(legacy, "legacy tables already hold rules and accept a probe rule", dump.stdout)
+            if lock_held(probe.stderr):
+                raise BackendBusy(
+                    f"{_fam(family)}: the legacy tables hold rules, but {legacy.restore} could not take"
+                    f" the xtables lock: {probe.stderr.strip()}"
+                )
             why_not = f"legacy tables hold rules but the probe rule failed: {probe.stderr.strip()}"
     nft = find(family, NFT, which)
     if nft is not None:

@@ -19,8 +19,9 @@ import time
 
 from . import lazylog
 from .config import ConfigError
-from .environment import DetectionError
+from .environment import DetectionError, RealMachine
 from .lean import TYPE_CHECKING, exit_now
+from .netns import NetnsError
 from .options import BY_KEY, BY_SHORT, ENV_ONLY, FLAGS, Kind, load, log_settings
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from .config import ApplyOptions, Config
     from .environment import Machine
+    from .netns import Netns
     from .options import LogSettings, OptionDef
 
 PROG_IPTABLES = "istio-iptables"
@@ -225,6 +227,12 @@ class _IstioLog:
         if value < self.threshold:
             return
         when = _rfc3339(time.time())
+        # One record, one line, in either format: nothing from outside (a path, a name, a
+        # command's output) can start a line or drive a terminal. The iptables-restore document
+        # the applier logs becomes one line too, which log collectors keep as one record
+        # (--dry-run prints it as it is). JSON carries the same escaped text, so that
+        # ``jq -r .msg`` is as safe to read as the text line.
+        msg = lazylog.escape_controls(msg)
         if self.as_json:
             import json
 
@@ -253,7 +261,7 @@ def _rfc3339(created: float) -> str:
 
 
 def _error(message: str) -> None:
-    sys.stderr.write("Error: " + " ".join(str(message).split()) + "\n")
+    sys.stderr.write("Error: " + lazylog.escape_controls(" ".join(str(message).split())) + "\n")
 
 
 def _describe(cfg: Config, opts: ApplyOptions) -> str:
@@ -353,19 +361,35 @@ def run(
     """One invocation of ``prog``; returns the exit status. Its log records, and the applier's, go
     to stderr as the logging options say; the previous lazylog sink is back when it returns."""
     previous = lazylog.get_sink()
+    real = RealMachine() if machine is None else None
     try:
-        parsed = _parse(prog, argv, env, machine)
+        parsed = _parse(prog, argv, env, machine or real)
         if isinstance(parsed, int):
             return parsed
         cfg, opts = parsed
         if prog == PROG_CLEAN:
-            return _clean(cfg, opts)
-        return _iptables(cfg, opts)
+            return _clean(cfg, opts, real)
+        return _iptables(cfg, opts, real)
     finally:
+        if real is not None:
+            real.close()
         lazylog.set_sink(previous)
 
 
-def _iptables(cfg: Config, opts: ApplyOptions) -> int:
+def _target(real: RealMachine | None, opts: ApplyOptions) -> Netns | None:
+    """The namespace to work in, opened once (IPv6 detection may have opened it already), so that
+    every step works in it whatever its path names by then. Raises ApplyError."""
+    if real is None or not opts.network_namespace:
+        return None
+    from .apply import NETNS, ApplyError
+
+    try:
+        return real.namespace(opts.network_namespace)
+    except NetnsError as e:
+        raise ApplyError(str(e), 1, NETNS) from None
+
+
+def _iptables(cfg: Config, opts: ApplyOptions, real: RealMachine | None = None) -> int:
     from .planner import plan
 
     ruleset = plan(cfg)
@@ -382,20 +406,21 @@ def _iptables(cfg: Config, opts: ApplyOptions) -> int:
     from .apply import ApplyError, apply
 
     try:
-        apply(ruleset, opts)
+        netns = _target(real, opts) if not opts.skip_rule_apply or opts.run_validation else None
+        apply(ruleset, opts, netns=netns)
         # Istio's validation init container runs with --skip-rule-apply to check rules the CNI
         # plugin installed, so validation does not depend on applying here.
         if opts.run_validation and not opts.cleanup_only:
             from .validation import validate
 
-            validate(cfg, opts, ipv6=cfg.enable_ipv6)
+            validate(cfg, opts, ipv6=cfg.enable_ipv6, netns=netns)
     except ApplyError as e:
         _error(str(e))
         return int(getattr(e, "exit_code", 1))
     return 0
 
 
-def _clean(cfg: Config, opts: ApplyOptions) -> int:
+def _clean(cfg: Config, opts: ApplyOptions, real: RealMachine | None = None) -> int:
     if opts.dry_run:
         _log.info("running in dry-run mode, no rules removed")
         return 0
@@ -406,7 +431,7 @@ def _clean(cfg: Config, opts: ApplyOptions) -> int:
         # Both families, whatever this configuration says: rules of an earlier dual-stack run
         # must not survive. The planned rules let cleanup also find our plain rules in built-in
         # chains and our routes.
-        cleanup(opts, enable_ipv6=True, ruleset=plan(cfg))
+        cleanup(opts, enable_ipv6=True, ruleset=plan(cfg), netns=_target(real, opts))
     except ApplyError as e:
         _error(str(e))
         return int(getattr(e, "exit_code", 1))

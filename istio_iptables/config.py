@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """Bad input: ``source`` is the option or environment variable (or annotation) that carried it."""
 
     def __init__(self, source: str, value: str, reason: str) -> None:
-        super().__init__(f"invalid value {value!r} for {source}: {reason}")
+        super().__init__(f"invalid value {shown(value)} for {source}: {reason}")
         self.source = source
         self.value = value
         self.reason = reason
@@ -118,7 +118,7 @@ class ApplyOptions(NamedTuple):
 
 # No ``re`` here: these parsers run on every pod start, and ``re`` (with ``enum``) is a large
 # share of the start-up imports. The small grammars below are checked by hand.
-from .lazylog import get_logger  # noqa: E402
+from .lazylog import get_logger, shown  # noqa: E402
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -132,6 +132,25 @@ _OWNER_REST = _OWNER_FIRST | frozenset("0123456789.-")
 def _is_digits(s: str) -> bool:
     """``[0-9]+`` in full (str.isdigit alone also accepts other scripts' digits)."""
     return s.isascii() and s.isdigit()
+
+
+# int() refuses text of more than 4300 digits (sys.get_int_max_str_digits) with a ValueError of its
+# own, and converting thousands of digits only to find them out of range is wasted work. Every
+# bound checked here is below 10**20, so a number with more significant digits is "too large"
+# without being converted. Leading zeros count for nothing, as in Go's strconv.
+_DIGITS_MAX = 20
+_TOO_LARGE = 10**_DIGITS_MAX
+
+
+def _decimal(s: str) -> int | None:
+    """The value of ``[0-9]+`` (``_TOO_LARGE`` when it has more than ``_DIGITS_MAX`` significant
+    digits), or None when ``s`` is anything else."""
+    if not _is_digits(s):
+        return None
+    significant = s.lstrip("0")
+    if len(significant) > _DIGITS_MAX:
+        return _TOO_LARGE
+    return int(significant) if significant else 0
 
 
 def _is_prefix_length(s: str) -> bool:
@@ -169,6 +188,10 @@ _DURATION_UNITS = {
 }
 # Two-letter units first: "ms" is milliseconds, not minutes followed by "s".
 _DURATION_UNIT_ORDER = ("ns", "us", "\u00b5s", "\u03bcs", "ms", "s", "m", "h")
+# Go's time.Duration is int64 nanoseconds: ParseDuration refuses anything longer, and so do we
+# (float() would read a number of any length, thousands of digits as infinity).
+_DURATION_MAX = (2**63 - 1) / 1e9
+_DURATION_MAX_TEXT = "2562047h47m16.854775807s"
 
 _log = get_logger(__name__)
 
@@ -189,10 +212,10 @@ def parse_bool(source: str, s: str) -> bool:
 
 
 def _port(source: str, whole: str, item: str) -> int:
-    label = "" if item == whole.strip() else f"{item!r}: "
-    if not _is_digits(item):
+    label = "" if item == whole.strip() else f"{shown(item)}: "
+    port = _decimal(item)
+    if port is None:
         raise ConfigError(source, whole, f"{label}not a port number (1-65535)")
-    port = int(item)
     if not 1 <= port <= 65535:
         raise ConfigError(source, whole, f"{label}port out of range (1-65535)")
     return port
@@ -239,17 +262,17 @@ def _cidr(source: str, whole: str, item: str) -> IPNetwork:
     # one spelling in rendered rules).
     addr, slash, bits = item.partition("/")
     if not slash:
-        raise ConfigError(source, whole, f"{item!r} is not a CIDR range (ADDRESS/PREFIX)")
+        raise ConfigError(source, whole, f"{shown(item)} is not a CIDR range (ADDRESS/PREFIX)")
     if "%" in addr:
-        raise ConfigError(source, whole, f"{item!r}: a zone is not allowed in a CIDR range")
+        raise ConfigError(source, whole, f"{shown(item)}: a zone is not allowed in a CIDR range")
     import ipaddress
 
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
-        raise ConfigError(source, whole, f"{item!r} is not a CIDR range (bad address)") from None
+        raise ConfigError(source, whole, f"{shown(item)} is not a CIDR range (bad address)") from None
     if not _is_prefix_length(bits) or int(bits) > ip.max_prefixlen:
-        raise ConfigError(source, whole, f"{item!r}: the prefix length must be 0-{ip.max_prefixlen}")
+        raise ConfigError(source, whole, f"{shown(item)}: the prefix length must be 0-{ip.max_prefixlen}")
     return ipaddress.ip_network(f"{ip}/{bits}", strict=False)
 
 
@@ -317,7 +340,7 @@ def _interface(source: str, whole: str, name: str) -> str:
     elif name[0] in "-!":
         problem = "an interface name cannot start with '-' or '!'"
     if problem:
-        raise ConfigError(source, whole, f"interface {name!r}: {problem}")
+        raise ConfigError(source, whole, f"interface {shown(name)}: {problem}")
     return name
 
 
@@ -338,17 +361,17 @@ def parse_mode(source: str, s: str) -> InterceptionMode:
 
 def _owner(source: str, whole: str, item: str) -> str:
     lo, dash, hi = item.partition("-")
-    if _is_digits(item) or (dash and _is_digits(lo) and _is_digits(hi)):
-        first = int(lo)
-        last = int(hi) if dash else first
+    first = _decimal(lo)
+    last = _decimal(hi) if dash else first
+    if first is not None and last is not None:
         if last > _MAX_ID:
-            raise ConfigError(source, whole, f"id {item!r} out of range (0-{_MAX_ID})")
+            raise ConfigError(source, whole, f"id {shown(item)} out of range (0-{_MAX_ID})")
         if first > last:
-            raise ConfigError(source, whole, f"range {item!r} is reversed")
+            raise ConfigError(source, whole, f"range {shown(item)} is reversed")
         return f"{first}-{last}" if dash else str(first)
     if len(item) <= _OWNER_NAME_MAX and _is_owner_name(item):
         return item
-    raise ConfigError(source, whole, f"{item!r} is not a numeric id, an id range or a valid name")
+    raise ConfigError(source, whole, f"{shown(item)} is not a numeric id, an id range or a valid name")
 
 
 def parse_owner_list(source: str, s: str) -> tuple[str, ...]:
@@ -390,20 +413,20 @@ def parse_owner_groups(
 
 def parse_mark(source: str, s: str) -> int:
     """A packet mark, 1..2^32-1, in decimal (0 would be "no mark")."""
-    v = s.strip()
-    if not _is_digits(v) or not 1 <= int(v) <= _MAX_U32:
+    mark = _decimal(s.strip())
+    if mark is None or not 1 <= mark <= _MAX_U32:
         raise ConfigError(source, s, f"expected a mark from 1 to {_MAX_U32}")
-    return int(v)
+    return mark
 
 
 def parse_route_table(source: str, s: str) -> int:
     """A policy-routing table id, 1..2^32-1 except the kernel's 253, 254 and 255."""
-    v = s.strip()
-    if not _is_digits(v) or not 1 <= int(v) <= _MAX_U32:
+    table = _decimal(s.strip())
+    if table is None or not 1 <= table <= _MAX_U32:
         raise ConfigError(source, s, f"expected a routing table number from 1 to {_MAX_U32}")
-    if int(v) in _RESERVED_TABLES:
+    if table in _RESERVED_TABLES:
         raise ConfigError(source, s, "tables 253, 254 and 255 are reserved (default, main, local)")
-    return int(v)
+    return table
 
 
 def parse_duration(source: str, s: str) -> float:
@@ -431,6 +454,8 @@ def parse_duration(source: str, s: str) -> float:
         pos += len(unit)
     if not rest:
         raise ConfigError(source, s, "expected a duration such as 5s, 1m30s or 500ms")
+    if total > _DURATION_MAX:
+        raise ConfigError(source, s, f"duration out of range (at most {_DURATION_MAX_TEXT})")
     return total
 
 
@@ -447,11 +472,11 @@ def parse_dns_servers(
     v6: list[ipaddress.IPv6Address] = []
     for item in items:
         if "%" in item:
-            raise ConfigError(source, s, f"{item!r}: a zone is not allowed in a DNS server address")
+            raise ConfigError(source, s, f"{shown(item)}: a zone is not allowed in a DNS server address")
         try:
             ip = ipaddress.ip_address(item)
         except ValueError:
-            raise ConfigError(source, s, f"{item!r} is not an IP address") from None
+            raise ConfigError(source, s, f"{shown(item)} is not an IP address") from None
         if isinstance(ip, ipaddress.IPv4Address):
             v4.append(ip)
         else:

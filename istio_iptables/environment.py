@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
     from typing import Protocol
 
+    from .netns import Netns
+
     IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
@@ -47,7 +49,29 @@ else:
 
 
 class RealMachine:
-    """The machine we run on."""
+    """The machine we run on.
+
+    A namespace it is asked about is opened once and kept (``namespace``), so that the command
+    that detected IPv6 in a namespace applies its rules to that same namespace, whatever its path
+    names by then; ``close`` lets go of them.
+    """
+
+    def __init__(self) -> None:
+        self._namespaces: dict[str, Netns] = {}
+
+    def namespace(self, path: str) -> Netns:
+        """The namespace at ``path``, opened on first use. Raises netns.NetnsError."""
+        ns = self._namespaces.get(path)
+        if ns is None:
+            from .netns import open_netns
+
+            ns = self._namespaces[path] = open_netns(path)
+        return ns
+
+    def close(self) -> None:
+        namespaces, self._namespaces = self._namespaces, {}
+        for ns in namespaces.values():
+            ns.close()
 
     def user_uid(self, name: str) -> str | None:
         import pwd
@@ -63,10 +87,11 @@ class RealMachine:
         import ipaddress  # only when the addresses are detected
 
         from . import netlink
+        from .netns import NetnsError
 
         try:
-            found = netlink.in_netns(netns, netlink.local_addresses)
-        except netlink.NetlinkError as e:
+            found = netlink.in_netns(self.namespace(netns) if netns else None, netlink.local_addresses)
+        except (netlink.NetlinkError, NetnsError) as e:
             raise DetectionError(f"cannot list local addresses: {e}") from None
         return [ipaddress.ip_address(a) for a in found]
 

@@ -130,8 +130,8 @@ class RealExecutor:
 
 
 class Running:
-    """A command started by ``RealExecutor.start``; ``wait()`` feeds its stdin, collects its
-    output and reaps it (once)."""
+    """A command started by ``RealExecutor.start`` (its whole stdin already in place); ``wait()``
+    collects its output and reaps it (once)."""
 
     def __init__(
         self,
@@ -145,14 +145,13 @@ class Running:
         self.args = args
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.data = memoryview(stdin.encode("utf-8", "surrogateescape") if stdin else b"")
         # Pipes are close-on-exec so that children spawned meanwhile by other threads do not
         # hold them (and keep our reads from ending); dup2 clears the flag on the copies the
         # child gets as 0, 1 and 2, and exec closes the originals there.
         self.opened: list[int] = []
         self.pid = 0
         try:
-            in_r, self.in_w = _pipe(self.opened)
+            in_r = _input(stdin, self.opened)
             self.out_r, out_w = _pipe(self.opened)
             self.err_r, err_w = _pipe(self.opened)
             try:
@@ -173,29 +172,9 @@ class Running:
                 raise CommandNotFound(args[0]) from e
             for fd in (in_r, out_w, err_w):
                 _close(fd, self.opened)
-            self.sent = 0
-            if self.data:
-                # Non-blocking: a write takes what fits in the pipe and never waits for the child,
-                # which may be blocked writing output that only wait() reads. What fits goes now,
-                # so a small input is all there before the next command starts.
-                os.set_blocking(self.in_w, False)
-                self._write()
-            else:
-                _close(self.in_w, self.opened)
         except BaseException:
             self._abandon()
             raise
-
-    def _write(self) -> None:
-        try:
-            self.sent += os.write(self.in_w, self.data[self.sent :])
-        except BlockingIOError:
-            return
-        except BrokenPipeError:
-            # The child is gone or closed its stdin: keep its output.
-            self.sent = len(self.data)
-        if self.sent >= len(self.data):
-            _close(self.in_w, self.opened)
 
     def wait(self) -> Completed:
         try:
@@ -212,10 +191,8 @@ class Running:
         reading = set(chunks)
         for fd in reading:
             poller.register(fd, select.POLLIN)
-        if self.in_w in opened:
-            poller.register(self.in_w, select.POLLOUT)
         timed_out = False
-        while reading or self.in_w in opened:
+        while reading:
             wait = None
             if deadline is not None:
                 # Recomputed each round: poll returns early for every event (and Python
@@ -226,18 +203,13 @@ class Running:
                     break
                 wait = left * 1000
             for fd, _ in poller.poll(wait):
-                if fd == self.in_w:
-                    self._write()
-                    if self.in_w not in opened:
-                        poller.unregister(fd)
+                chunk = os.read(fd, _READ)
+                if chunk:
+                    chunks[fd].append(chunk)
                 else:
-                    chunk = os.read(fd, _READ)
-                    if chunk:
-                        chunks[fd].append(chunk)
-                    else:
-                        poller.unregister(fd)
-                        reading.discard(fd)
-                        _close(fd, opened)
+                    poller.unregister(fd)
+                    reading.discard(fd)
+                    _close(fd, opened)
 
         returncode = None
         if not timed_out:
@@ -268,6 +240,36 @@ class Running:
             opened, self.opened = self.opened, []
             for fd in opened:
                 os.close(fd)
+
+
+def _input(stdin: str | None, opened: list[int]) -> int:
+    """What the child reads as its stdin, recorded in ``opened``: the whole of ``stdin`` in an
+    anonymous in-memory file, or an empty pipe.
+
+    The input is complete before the child exists, so nothing the parent does afterwards (or a
+    SIGKILL that ends it) can cut the child's input short: an iptables-restore that commits each
+    table at its COMMIT line while it reads would otherwise commit the tables read so far and drop
+    the rest. It also never waits for a child that has not read its input yet.
+    """
+    if not stdin:
+        read_end, write_end = _pipe(opened)
+        _close(write_end, opened)
+        return read_end
+    fd = os.memfd_create("stdin", os.MFD_CLOEXEC)
+    opened.append(fd)
+    data = memoryview(stdin.encode("utf-8", "surrogateescape"))
+    sent = 0
+    while sent < len(data):
+        sent += os.write(fd, data[sent:])
+    os.lseek(fd, 0, os.SEEK_SET)
+    if fd <= 2:  # only with this process's stdin, stdout or stderr closed (see _pipe)
+        import fcntl
+
+        moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        opened.append(moved)
+        _close(fd, opened)
+        fd = moved
+    return fd
 
 
 def _pipe(opened: list[int]) -> tuple[int, int]:

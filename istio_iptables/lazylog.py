@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 # An embedding program with its own logger (the CNI plugin, the istio-iptables command while it
 # runs) routes the records here: sink(level, message) with level one of "debug", "info",
-# "warning", "error" and the message already formatted.
+# "warning", "error" and the message already formatted. A message may hold text from outside
+# (names, paths, a command's output): a sink that writes lines passes it through escape_controls.
 _sink: Sink | None = None
 
 
@@ -40,6 +41,51 @@ def set_sink(sink: Sink | None) -> Sink | None:
 def get_sink() -> Sink | None:
     """The sink installed now (None: records go to ``logging``)."""
     return _sink
+
+
+# The characters a log record meets most (an iptables-restore document has a newline per rule)
+# are escaped by str.translate, in C; only what is left (rare) goes through the loop below.
+_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\x1b"})
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every character that is not printable written as an escape sequence.
+
+    Log lines are one record each, and their fields are separated by tabs: a value that came from
+    outside (a pod name, a path) must not end the line, add a field, or drive the terminal that
+    shows the log. What is escaped is what repr() escapes (C0 controls with tab, newline and ESC,
+    DEL, C1 controls, the Unicode line and paragraph separators, format characters such as
+    bidirectional overrides, surrogates, unassigned and private-use code points), but backslashes
+    and quotes stay as they are: this keeps lines readable, not reversible.
+    """
+    if text.isprintable():
+        return text
+    text = text.translate(_ESCAPES)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
+    return "".join(out)
+
+
+# A value is quoted in full up to this length; a longer one (a pasted file, thousands of digits)
+# is shown by its start and its length, so that a message stays readable.
+_SHOWN_MAX = 120
+_SHOWN_HEAD = 40
+
+
+def shown(value: str) -> str:
+    """``value`` quoted for a message (as repr() quotes it), shortened when it is long."""
+    if len(value) <= _SHOWN_MAX:
+        return repr(value)
+    return f"{value[:_SHOWN_HEAD]!r}... ({len(value)} characters)"
 
 
 def _to_sink(level: str, msg: str, args: tuple[object, ...]) -> bool:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import TypeVar
 
+    from .netns import Netns
+
     T = TypeVar("T")
 
 # linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h, linux/sched.h
@@ -244,49 +246,10 @@ def nft_table_count(nfproto: int) -> int:
     return len(_dump(NETLINK_NETFILTER, "netfilter", tables_message(nfproto, seq), seq, kind))
 
 
-_libc_setns: Callable[[int, int], int] | None = None
-
-
-def _bind_setns() -> Callable[[int, int], int]:
-    """libc's ``setns``, bound through ``_ctypes`` (the C half of ``ctypes``) the way
-    ``ctypes.CDLL(None, use_errno=True).setns`` binds it: the ``ctypes`` package itself costs
-    every pod start about 1-2 ms more. Any surprise there falls back to ``ctypes``."""
-    try:
-        import _ctypes
-
-        class _Int(_ctypes._SimpleCData):  # ctypes.c_int
-            _type_ = "i"
-
-        class _Function(_ctypes.CFuncPtr):  # a CDLL function with use_errno=True
-            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-            _restype_ = _Int
-
-        program = _ctypes.dlopen(None, 0)  # type: ignore[arg-type]  # dlopen(NULL): this program and libc
-        function: Callable[[int, int], int] = _Function(_ctypes.dlsym(program, "setns"))
-        return function
-    except Exception:  # noqa: BLE001 - the plain ctypes binding below does the same job
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).setns
-
-
-def _errno() -> int:
-    import _ctypes
-
-    return int(_ctypes.get_errno())
-
-
 def _setns(fd: int) -> None:
-    global _libc_setns
-    setns = getattr(os, "setns", None)  # Python 3.12+
-    if setns is not None:
-        setns(fd, CLONE_NEWNET)
-        return
-    if _libc_setns is None:
-        _libc_setns = _bind_setns()
-    if _libc_setns(fd, CLONE_NEWNET) != 0:
-        err = _errno()
-        raise OSError(err, os.strerror(err))
+    from .netns import setns  # the one binding of setns(2)
+
+    setns(fd)
 
 
 class entered:  # noqa: N801 - used like a function: ``with entered(path):``
@@ -342,13 +305,26 @@ class entered:  # noqa: N801 - used like a function: ``with entered(path):``
             os.close(home)
 
 
-def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """``fn()`` run inside the network namespace ``netns`` (here when None).
+def in_netns(netns: str | Netns | None, fn: Callable[[], T]) -> T:
+    """``fn()`` run inside the network namespace ``netns``: a path, a namespace already open (the
+    applier's, used by its descriptor), or None for here.
 
     Raises NetlinkError when the namespace cannot be entered; ``fn``'s exceptions pass through.
     """
-    with entered(netns):
+    if netns is None or isinstance(netns, str):
+        with entered(netns):
+            return fn()
+    from .netns import NetnsError
+
+    try:
+        inside = netns.entered()
+        inside.__enter__()
+    except NetnsError as e:
+        raise NetlinkError(e.errno, str(e)) from None
+    try:
         return fn()
+    finally:
+        inside.__exit__(None, None, None)
 
 
 _seq = 0
@@ -360,7 +336,7 @@ def _next_seq() -> int:
     return _seq
 
 
-def _change(command: int, flags: int, iface: str, ifname: str, netns: str | None) -> int:
+def _change(command: int, flags: int, iface: str, ifname: str, netns: str | Netns | None) -> int:
     def run() -> int:
         try:
             index = socket.if_nametoindex(ifname)
@@ -372,7 +348,7 @@ def _change(command: int, flags: int, iface: str, ifname: str, netns: str | None
     return in_netns(netns, run)
 
 
-def add_address(iface: str, ifname: str = "lo", netns: str | None = None) -> bool:
+def add_address(iface: str, ifname: str = "lo", netns: str | Netns | None = None) -> bool:
     """Add ``iface`` on ``ifname``: True when added, False when it was there already.
 
     Raises NetlinkError."""
@@ -384,7 +360,7 @@ def add_address(iface: str, ifname: str = "lo", netns: str | None = None) -> boo
     return True
 
 
-def delete_address(iface: str, ifname: str = "lo", netns: str | None = None) -> bool:
+def delete_address(iface: str, ifname: str = "lo", netns: str | Netns | None = None) -> bool:
     """Remove ``iface`` from ``ifname``: True when removed, False when it was not there.
 
     Raises NetlinkError."""

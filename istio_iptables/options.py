@@ -243,7 +243,7 @@ def parse_log_levels(source: str, s: str) -> int:
         parts = item.split(":")
         if len(parts) > 2 or parts[-1] not in _LOG_LEVELS:
             levels = ", ".join(_LOG_LEVELS)
-            raise ConfigError(source, s, f"{item!r}: expected [scope:]level, level one of {levels}")
+            raise ConfigError(source, s, f"{c.shown(item)}: expected [scope:]level, level one of {levels}")
         if len(parts) == 1 or parts[0] in ("default", "all"):
             level = _LOG_LEVELS[parts[-1]]
     return level

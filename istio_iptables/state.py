@@ -330,6 +330,20 @@ def expected_from_checks(state: State, names: Mapping[tuple[str, str], str]) -> 
     return Ours(chains, builtin)
 
 
+def missing_tables(current: Ours, expected: Ours) -> list[str] | None:
+    """The tables ``expected`` has that ``current`` lacks entirely, when every table ``current``
+    does have is exactly as expected; None when any differs.
+
+    That is what a run of the same configuration leaves when it is killed (or fails) between two
+    tables' COMMITs: each table is committed whole or not at all, so our rules from an identical
+    configuration are either complete or absent per table. Completing them is not drift.
+    """
+    cur, exp = current.view(), expected.view()
+    if any(exp.get(table) != chains for table, chains in cur.items()):
+        return None
+    return sorted(t for t in exp if t not in cur)
+
+
 def describe_drift(current: Ours, expected: Ours, limit: int = 12) -> list[str]:
     """Human-readable differences between our rules in place and the expected ones (empty: none)."""
     cur, exp = current.view(), expected.view()
@@ -441,12 +455,14 @@ def _multiset_minus(a: list[str], b: list[str]) -> list[tuple[int, str]]:
     return out
 
 
-def revert(before: State, after: State) -> str:
+def revert(before: State, after: State, known: Known | None = None) -> str:
     """A document that puts our part of ``after`` back the way it was in ``before``.
 
-    Built-in chains: the rules added since are deleted and the rules removed since are inserted back
-    at their old positions. ISTIO chains: reset to their old contents, created or deleted as needed.
-    Empty when nothing of ours changed.
+    Built-in chains: our rules added since (jumps to an ISTIO chain, and the plain rules listed in
+    ``known``) are deleted and ours removed since are inserted back at their old positions; rules
+    of others, whenever they came or went, are never named. ``known`` None: our plain rules could
+    not be told apart, so every rule added or removed since counts as ours. ISTIO chains: reset to
+    their old contents, created or deleted as needed. Empty when nothing of ours changed.
     """
     out: list[str] = []
     for tname in sorted(set(before) | set(after)):
@@ -457,8 +473,15 @@ def revert(before: State, after: State) -> str:
             b_specs, a_specs = b.rules.get(chain, []), a.rules.get(chain, [])
             if b_specs == a_specs:
                 continue
-            deletes.extend(f"-D {chain} {s}" for _, s in _multiset_minus(a_specs, b_specs))
-            inserts.extend(f"-I {chain} {i + 1} {s}" for i, s in _multiset_minus(b_specs, a_specs))
+            plain = None if known is None else known.get((tname, chain), frozenset())
+
+            def mine(spec: str, plain: frozenset[str] | None = plain) -> bool:
+                return plain is None or spec in plain or jump_target(spec) in OUR_CHAINS
+
+            deletes.extend(f"-D {chain} {s}" for _, s in _multiset_minus(a_specs, b_specs) if mine(s))
+            inserts.extend(
+                f"-I {chain} {i + 1} {s}" for i, s in _multiset_minus(b_specs, a_specs) if mine(s)
+            )
         b_ours = {c: b.rules.get(c, []) for c in b.chains if c in OUR_CHAINS or is_check(c)}
         a_ours = {c: a.rules.get(c, []) for c in a.chains if c in OUR_CHAINS or is_check(c)}
         changed = [c for c in a_ours if c in b_ours and a_ours[c] != b_ours[c]]

@@ -10,7 +10,6 @@ the original destination (SO_ORIGINAL_DST) and requires the probe port. Failure 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import grp
 import os
 import pwd
@@ -22,8 +21,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .apply import VALIDATION, ApplyError, check_netns
+from .apply import VALIDATION, ApplyError, open_target
 from .config import ApplyOptions, Config
+from .netns import Netns, setns
 
 EXIT_CODE = 126
 
@@ -37,7 +37,6 @@ MESSAGE = (
 )
 
 SO_ORIGINAL_DST = 80  # also IP6T_SO_ORIGINAL_DST, at SOL_IPV6
-_CLONE_NEWNET = 0x40000000
 _RETRY = 0.2  # seconds between client attempts
 
 
@@ -77,18 +76,24 @@ def probe_for(config: Config, opts: ApplyOptions, *, ipv6: bool = False) -> Prob
     )
 
 
-def validate(config: Config, opts: ApplyOptions, *, ipv6: bool = False) -> None:
-    """Run the probe in the target namespace; raise ApplyError(MESSAGE, 126) when it fails."""
-    check_netns(opts.network_namespace)
-    ok, detail = run_probe(probe_for(config, opts, ipv6=ipv6), opts.network_namespace)
+def validate(config: Config, opts: ApplyOptions, *, ipv6: bool = False, netns: Netns | None = None) -> None:
+    """Run the probe in the target namespace (``netns`` when the caller opened it already, else
+    ``opts.network_namespace``); raise ApplyError(MESSAGE, 126) when it fails."""
+    ns = netns or open_target(opts.network_namespace)
+    try:
+        ok, detail = run_probe(probe_for(config, opts, ipv6=ipv6), ns if opts.network_namespace else None)
+    finally:
+        if netns is None:
+            ns.close()
     if not ok:
         print(f"validation failed: {detail}", file=sys.stderr)
         raise ApplyError(MESSAGE, EXIT_CODE, VALIDATION)
     print(f"validation passed: {detail}", file=sys.stderr)
 
 
-def run_probe(probe: Probe, netns: str | None) -> tuple[bool, str]:
-    """Fork a child that enters ``netns`` and runs the probe; (passed, what happened)."""
+def run_probe(probe: Probe, netns: Netns | None) -> tuple[bool, str]:
+    """Fork a child that enters ``netns`` (stays here for None) and runs the probe; (passed,
+    what happened)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -96,7 +101,7 @@ def run_probe(probe: Probe, netns: str | None) -> tuple[bool, str]:
         try:
             os.close(r)
             if netns is not None:
-                _setns(netns)
+                setns(netns.fd)
             ok, detail = _serve(probe)
             code = 0 if ok else 1
         except BaseException as e:
@@ -121,15 +126,6 @@ def run_probe(probe: Probe, netns: str | None) -> tuple[bool, str]:
     with os.fdopen(r, "rb") as f:
         detail = f.read().decode(errors="replace")
     return os.waitstatus_to_exitcode(status) == 0, detail
-
-
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns {path}: {os.strerror(err)}")
-    os.close(fd)
 
 
 def _serve(probe: Probe) -> tuple[bool, str]:  # pragma: no cover - runs in the child

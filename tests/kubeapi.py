@@ -456,6 +456,92 @@ def write_kubeconfig(
     return path
 
 
+def yaml_kubeconfig(form: str, server: str, ca_cert: Path, token: str) -> str:
+    """A kubeconfig (one cluster with the CA inline, a token user) in one of the forms people
+    point the plugin at: kubectl's ``config view --raw`` output, Istio's installer template,
+    and YAML the small reader in cni.kube leaves to PyYAML (comments after values, quoted keys,
+    flow collections, block scalars, anchors, ``---`` and ``...``)."""
+    ca = base64.b64encode(ca_cert.read_bytes()).decode()
+    forms = {
+        "kubectl-config-view": f"""apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: {ca}
+    server: {server}
+  name: kind-kind
+contexts:
+- context:
+    cluster: kind-kind
+    user: kind-kind
+  name: kind-kind
+current-context: kind-kind
+kind: Config
+preferences: {{}}
+users:
+- name: kind-kind
+  user:
+    token: {token}
+""",
+        "istio-template": f"""# Kubeconfig file for Istio CNI plugin.
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: {server}
+    certificate-authority-data: "{ca}"
+users:
+- name: istio-cni
+  user:
+    token: "{token}"
+contexts:
+- name: istio-cni-context
+  context:
+    cluster: local
+    user: istio-cni
+current-context: istio-cni-context
+""",
+        "hand-written": f"""---
+# by hand, with every YAML nicety
+"apiVersion": 'v1'
+kind: Config   # trailing comment
+clusters: [{{name: "c", cluster: {{server: '{server}', certificate-authority-data: &ca {ca}}}}}]
+users:
+  - name: u
+    user:
+      token: >-
+        {token}
+contexts:
+  - &ctx
+    name: x
+    context: {{cluster: c, user: u}}
+current-context: x
+extensions: []
+...
+""",
+        "block-literal-ca": f"""apiVersion: v1
+clusters:
+- name: c
+  cluster:
+    server: {server}
+    certificate-authority-data: |
+      {ca}
+users:
+- {{name: u, user: {{token: {token}}}}}
+contexts:
+- name: x
+  context: {{cluster: c, user: u}}
+current-context: "x"
+""",
+    }
+    return forms[form]
+
+
+YAML_KUBECONFIG_FORMS = ("kubectl-config-view", "istio-template", "hand-written", "block-literal-ca")
+# The forms cni.kube's small YAML reader refuses (PyYAML reads them).
+PYYAML_ONLY_FORMS = ("hand-written", "block-literal-ca")
+
+
 def _yaml(doc: Mapping[str, Any], indent: int = 0) -> str:
     """Block-style YAML for the kubeconfig's shapes (maps, lists of maps, strings)."""
     pad = " " * indent

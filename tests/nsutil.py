@@ -10,7 +10,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,21 @@ def wait_ipv6_ready(ns: NetNS | str, ifname: str | None = None, timeout: float =
         if time.monotonic() > deadline:
             raise TimeoutError(f"IPv6 addresses still tentative after {timeout}s:\n{out}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def flocked(path: str | Path) -> Iterator[None]:
+    """``path`` flock-ed (exclusive) by this process for the block: every other open file of it,
+    in this process or another, waits. (A ``flock PATH sleep`` helper would leave its sleep
+    holding the lock after being killed.)"""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def netns_unavailable_reason() -> str | None:

@@ -6,12 +6,12 @@ iptables-restore into a fresh namespace and read back with iptables-save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from istio_iptables.executor import RealExecutor, Running
 from istio_iptables.planner import plan
 from istio_iptables.render import render_family
 from istio_iptables.ruleset import Family, FamilyRules, Rule, Ruleset
-from nsutil import NetNS, run
+from nsutil import NetNS, flocked, run
 
 pytestmark = pytest.mark.kernel
 
@@ -447,20 +447,8 @@ def test_network_namespace_that_vanishes_midway(netns: NewNS) -> None:
 
 @pytest.fixture
 def hold_lock() -> Iterator[Callable[[str], None]]:
-    holders: list[subprocess.Popen[bytes]] = []
-
-    def hold(path: str) -> None:
-        p = subprocess.Popen(["flock", "--exclusive", path, "sleep", "60"])
-        holders.append(p)
-        deadline = time.monotonic() + 10
-        while run(["flock", "--nonblock", path, "true"], check=False).returncode == 0:
-            assert time.monotonic() < deadline, "the lock holder did not start"
-            time.sleep(0.02)
-
-    yield hold
-    for p in holders:
-        p.kill()
-        p.wait()
+    with contextlib.ExitStack() as stack:
+        yield lambda path: stack.enter_context(flocked(path))
 
 
 def test_pod_lock_held_past_the_wait(netns: NewNS, hold_lock: Callable[[str], None]) -> None:

@@ -404,12 +404,12 @@ def test_an_address_the_kernel_refuses_is_a_routes_error(monkeypatch: pytest.Mon
 
 def test_setns_is_bound_without_the_ctypes_package() -> None:
     code = (
-        "import errno, os, sys\n"
-        "from istio_iptables import netlink as nl\n"
-        "setns = nl._bind_setns()\n"
+        "import _ctypes, errno, os, sys\n"
+        "from istio_iptables import netns as nn\n"
+        "setns = nn._bind_setns()\n"
         "assert 'ctypes' not in sys.modules, 'fell back to ctypes'\n"
-        "assert setns(-1, nl.CLONE_NEWNET) == -1 and nl._errno() == errno.EBADF\n"
+        "assert setns(-1, nn.CLONE_NEWNET) == -1 and _ctypes.get_errno() == errno.EBADF\n"
         "fd = os.open('/proc/self/ns/net', os.O_RDONLY)\n"
-        "nl._setns(fd)  # entering the namespace it is in already works (as root)\n"
+        "nn.setns(fd)  # entering the namespace it is in already works (as root)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(nl.__file__).parent.parent)

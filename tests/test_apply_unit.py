@@ -16,6 +16,7 @@ from istio_iptables import backend as bk
 from istio_iptables import state as st
 from istio_iptables.config import ApplyOptions, CidrSpec, Config, PortSpec
 from istio_iptables.executor import Completed, RealExecutor, RecordingExecutor
+from istio_iptables.netns import open_netns
 from istio_iptables.planner import plan
 from istio_iptables.render import render_family
 from istio_iptables.ruleset import Family, FamilyRules, Rule, Ruleset
@@ -287,9 +288,10 @@ def test_legacy_table_presence_from_proc(tmp_path: Path) -> None:
 
 
 def test_legacy_tables_are_read_from_the_kernel_only_with_a_real_executor() -> None:
-    recorded = ap._Target(RecordingExecutor(), ApplyOptions(), 1)
+    here_ns = open_netns(None)
+    recorded = ap._Target(RecordingExecutor(), ApplyOptions(), 1, here_ns)
     assert recorded.legacy_tables(Family.V4) is None
-    real = ap._Target(RealExecutor(), ApplyOptions(), 1)
+    real = ap._Target(RealExecutor(), ApplyOptions(), 1, here_ns)
     here = ap.legacy_table_presence()
     assert real.legacy_tables(Family.V4) == here.get(Family.V4)
 
@@ -466,15 +468,38 @@ def test_a_family_that_fails_while_the_other_succeeds_is_rolled_back_together(fa
 
 
 @pytest.mark.usefixtures("no_nss_sandbox", "fake_binaries")
-def test_cni_mode_locks_on_the_pod_namespace_with_legacy() -> None:
+def test_cni_mode_legacy_restores_lock_a_private_file_while_the_run_holds_the_pod_lock() -> None:
+    import fcntl
+    import os
+
     rs = plan(CLASSIC)
-    ex = RecordingExecutor()
+    seen: list[tuple[str, bool]] = []
+
+    def responder(argv: tuple[str, ...], stdin: str | None) -> Completed:
+        if "iptables-legacy-restore" in argv[3]:
+            # While the run restores, the namespace's own lock (Istio's XTABLES_LOCKFILE for the
+            # pod) is held by this run, so nobody else can lock the namespace file.
+            fd = os.open(_netns_path(), os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free = True
+            except BlockingIOError:
+                free = False
+            finally:
+                os.close(fd)
+            path = ex.calls[-1][2]["XTABLES_LOCKFILE"]
+            seen.append((os.readlink(path), free))
+        return Completed(argv, 0, "")
+
+    ex = RecordingExecutor(responder)
     opts = ApplyOptions(
         network_namespace=_netns_path(), cni_mode=True, force_iptables_binary="iptables-legacy"
     )
     ap.apply(rs, opts, ex)
     restore = [c for c in ex.calls if "iptables-legacy-restore" in c[0][3]]
-    assert restore and restore[0][2] == {"XTABLES_LOCKFILE": "/proc/self/ns/net"}
+    assert restore and all(c[2]["XTABLES_LOCKFILE"].startswith("/proc/self/fd/") for c in restore)
+    # Each restore locks an in-memory file of this run, never the namespace file it holds itself.
+    assert seen and all(target.startswith("/memfd:xtables.lock") and not free for target, free in seen)
     assert f"--wait={ap.DEFAULT_LOCK_WAIT}" in restore[0][0]
     # Outside CNI mode the node's own lock applies.
     ex2 = RecordingExecutor()

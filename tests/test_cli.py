@@ -339,6 +339,66 @@ def test_machine_errors_are_one_line_too() -> None:
     assert_bad_input(r, "/etc/resolv.conf")
 
 
+# More digits than int() converts (sys.get_int_max_str_digits(), 4300 by default), for every
+# kind of option that holds a number.
+MANY_NINES = "9" * 5000
+HUGE: dict[Kind, str] = {
+    Kind.PORT: MANY_NINES,
+    Kind.PORT_LIST: f"80,{MANY_NINES}",
+    Kind.PORT_SPEC: MANY_NINES,
+    Kind.OWNERS: f"1-{MANY_NINES}",
+    Kind.GROUPS: MANY_NINES,
+    Kind.MARK: MANY_NINES,
+    Kind.TABLE: MANY_NINES,
+    Kind.DURATION: f"{MANY_NINES}s",
+    Kind.CIDR_LIST: f"10.0.0.0/{MANY_NINES}",
+    Kind.CIDR_SPEC: f"10.0.0.0/{MANY_NINES}",
+    Kind.LOOPBACK_CIDR: f"127.0.0.1/{MANY_NINES}",
+}
+
+
+def assert_huge_value_refused(r: Result, name: str, value: str) -> None:
+    assert_bad_input(r, name)
+    # The value is named, by its start and its length, not in full.
+    assert repr(value[:40]) in r.err and f"({len(value)} characters)" in r.err, r.err
+    assert len(r.err) < 400, r.err
+
+
+@pytest.mark.parametrize("o", [o for o in FLAG_OPTS if o.kind in HUGE], ids=ids)
+def test_huge_number_on_the_command_line(o: OptionDef) -> None:
+    r = invoke([*PINNED, f"--{o.name}={HUGE[o.kind]}"])
+    assert_huge_value_refused(r, f"--{o.name}", HUGE[o.kind])
+    if o.short:
+        assert_huge_value_refused(invoke([*PINNED, f"-{o.short}", HUGE[o.kind]]), f"--{o.name}", HUGE[o.kind])
+
+
+@pytest.mark.parametrize(
+    ("o", "var"), [(o, v) for o, v in ENV_OPTS if o.kind in HUGE], ids=lambda x: getattr(x, "key", x)
+)
+def test_huge_number_in_the_environment(o: OptionDef, var: str) -> None:
+    argv = [a for a in PINNED if o.name is None or o.name not in a]
+    r = invoke([*argv, "-n"], {var: HUGE[o.kind]})
+    assert_huge_value_refused(r, var, HUGE[o.kind])
+
+
+def test_huge_owner_group_exclusions_and_durations() -> None:
+    var, value = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", f"{MANY_NINES}-1"
+    assert_huge_value_refused(invoke(PINNED, {var: value}), var, value)
+    # Beyond Go's time.Duration (int64 nanoseconds), whatever the number of digits.
+    r = invoke([*PINNED, "--probe-timeout=2562048h"])
+    assert_bad_input(r, "--probe-timeout")
+    assert "out of range" in r.err
+
+
+def test_leading_zeros_do_not_count() -> None:
+    # Go's strconv reads any number of leading zeros; so do we, without converting them.
+    zeros = "0" * 5000
+    argv = [*PINNED, f"-p{zeros}15101", f"-t{zeros}7", f"-u{zeros}3-{zeros}4", f"-d{zeros}80"]
+    cfg, opts = parsed([*argv, f"--probe-timeout={zeros}2.5s"])
+    assert (cfg.proxy_port, cfg.tproxy_mark, cfg.proxy_uids) == (15101, 7, ("3-4",))
+    assert (cfg.inbound_ports_exclude, opts.probe_timeout) == ((80,), 2.5)
+
+
 # --- help --------------------------------------------------------------------------------------
 
 
@@ -399,19 +459,25 @@ def fake_apply(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     calls: dict[str, Any] = {"fail": None}
     mod = types.ModuleType("istio_iptables.apply")
 
-    def apply(ruleset: Any, opts: ApplyOptions, executor: Any = None) -> None:
+    def apply(ruleset: Any, opts: ApplyOptions, executor: Any = None, *, netns: Any = None) -> None:
         calls["apply"] = (ruleset, opts)
+        calls["apply_netns"] = netns
         if calls["fail"]:
             raise FakeApplyError(*calls["fail"])
 
     def cleanup(
-        opts: ApplyOptions, executor: Any = None, *, enable_ipv6: bool = True, ruleset: Any = None
+        opts: ApplyOptions,
+        executor: Any = None,
+        *,
+        enable_ipv6: bool = True,
+        ruleset: Any = None,
+        netns: Any = None,
     ) -> None:
         calls["cleanup"] = (opts, enable_ipv6, ruleset)
         if calls["fail"]:
             raise FakeApplyError(*calls["fail"])
 
-    def validate(config: Any, opts: ApplyOptions, *, ipv6: bool = False) -> None:
+    def validate(config: Any, opts: ApplyOptions, *, ipv6: bool = False, netns: Any = None) -> None:
         calls["validate"] = (config, opts, ipv6)
 
     mod.ApplyError = FakeApplyError  # type: ignore[attr-defined]

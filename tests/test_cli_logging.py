@@ -152,10 +152,71 @@ def test_json_lines_follow_the_level() -> None:
     assert [json.loads(line)["level"] for line in err.splitlines()] == ["warn"]
 
 
-def test_multi_line_message_stays_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
-    cli._IstioLog(LogSettings(level=20, json=True))("info", "applying:\n* nat\nCOMMIT")
+@pytest.mark.parametrize("as_json", [False, True])
+def test_multi_line_message_is_one_escaped_record(as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    # The applier logs its iptables-restore documents: one record, one line, in both formats,
+    # and JSON carries the same escaped text (jq -r .msg must not print raw newlines either).
+    cli._IstioLog(LogSettings(level=20, json=as_json))("info", "applying:\n* nat\nCOMMIT")
     (line,) = capsys.readouterr().err.splitlines()
-    assert json.loads(line)["msg"] == "applying:\n* nat\nCOMMIT"
+    msg = json.loads(line)["msg"] if as_json else records(line)[0][1]
+    assert msg == "applying:\\n* nat\\nCOMMIT"
+
+
+# --- no value can forge a record -----------------------------------------------------------------
+
+FORGED = "\n2026-01-01T00:00:00Z\tinfo\tforged"
+ANSI = "\x1b[31m"
+HOSTILE_PATH = f"/var/run/netns/x{FORGED}{ANSI}\r\x85\u2028\x7f"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_logged_value_cannot_forge_records(as_json: bool) -> None:
+    # The namespace path is logged as given (with the other variables) before anything uses it.
+    argv = [*CLASSIC, *PINNED, "--dry-run", f"--network-namespace={HOSTILE_PATH}"]
+    code, err = invoke([*argv, f"--log_as_json={str(as_json).lower()}"])
+    assert code == 0
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    msgs = [json.loads(line)["msg"] for line in lines] if as_json else [m for _, m in records(err)]
+    assert all(line.replace("\t", " ").isprintable() for line in lines)  # tabs only between fields
+    assert msgs[0].endswith(f"NETWORK_NAMESPACE={lazylog.escape_controls(HOSTILE_PATH)}")
+    assert "x\\n2026-01-01T00:00:00Z\\tinfo\\tforged\\x1b[31m\\r\\x85\\u2028\\x7f" in msgs[0]
+    assert msgs[1] == DRY_RUN_INFO
+
+
+def test_an_error_message_cannot_forge_records() -> None:
+    argv = [*CLASSIC, *PINNED, "--native-nftables", f"--network-namespace={HOSTILE_PATH}"]
+    code, err = invoke(argv)
+    assert code == 1
+    *logged, last = err.splitlines()
+    records("\n".join(logged))
+    assert last.isprintable() and last.startswith("Error: network namespace /var/run/netns/x ")
+    assert "forged\\x1b[31m" in last
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("plain text, quotes ' \" and \\ stay", "plain text, quotes ' \" and \\ stay"),
+        ("a\nb\r\tc", "a\\nb\\r\\tc"),
+        ("\x00\x1b[31m\x7f", "\\x00\\x1b[31m\\x7f"),
+        ("\x85\x9b", "\\x85\\x9b"),  # C1: NEL, CSI
+        ("\u2028\u2029", "\\u2028\\u2029"),
+        ("\u202eevil\u2066", "\\u202eevil\\u2066"),  # bidirectional overrides
+        ("\udcff", "\\udcff"),  # a byte that was not UTF-8, as os.environ keeps it
+        ("\U000e0001", "\\U000e0001"),
+        ("é ü 日本 \U0001f600", "é ü 日本 \U0001f600"),
+    ],
+)
+def test_escape_controls(text: str, want: str) -> None:
+    assert lazylog.escape_controls(text) == want
+
+
+@given(st.text())
+def test_escaped_text_is_one_printable_line(text: str) -> None:
+    escaped = lazylog.escape_controls(text)
+    assert escaped.isprintable() and len(escaped.splitlines()) <= 1
+    assert escaped == text or not text.isprintable()
 
 
 # --- the applier's records -----------------------------------------------------------------------

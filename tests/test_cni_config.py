@@ -214,6 +214,42 @@ def test_out_of_range_uid_is_refused() -> None:
         build_config(info(proxy_security_context={"runAsUser": 2**32}), V4)
 
 
+NINES = "9" * 5000  # more digits than int() converts
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        (ANN_INCLUDE_INBOUND_PORTS, NINES),
+        (ANN_EXCLUDE_INBOUND_PORTS, f"8080,{NINES}"),
+        (ANN_INCLUDE_OUTBOUND_PORTS, NINES),
+        (ANN_EXCLUDE_OUTBOUND_PORTS, NINES),
+        (ANN_STATUS_PORT, NINES),
+        (ANN_INCLUDE_OUTBOUND_IP_RANGES, f"10.0.0.0/{NINES}"),
+        (ANN_EXCLUDE_OUTBOUND_IP_RANGES, f"10.0.0.0/{NINES}"),
+    ],
+)
+def test_huge_numbers_in_annotations_are_refused_naming_them(annotation: str, value: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config(info(annotations={annotation: value}), V4)
+    assert (e.value.source, e.value.value) == (annotation, value)
+    assert f"({len(value)} characters)" in str(e.value) and len(str(e.value)) < 300
+
+
+def test_huge_proxy_ids_are_refused_naming_them() -> None:
+    # The largest integer a JSON Pod can carry (the decoder has int()'s digit limit too).
+    with pytest.raises(ConfigError) as e:
+        build_config(info(proxy_security_context={"runAsGroup": 10**4299}), V4)
+    assert e.value.source == "istio-proxy securityContext.runAsGroup"
+    assert len(str(e.value)) < 300
+
+
+def test_leading_zeros_in_annotations_do_not_count() -> None:
+    zeros = "0" * 5000
+    cfg = build_config(info(annotations={ANN_INCLUDE_INBOUND_PORTS: f"{zeros}8080"}), V4).config
+    assert cfg.inbound_ports == PortSpec(ports=(8080,))
+
+
 def test_dns_capture_captures_all_dns() -> None:
     cfg = build_config(info(proxy_env={"ISTIO_META_DNS_CAPTURE": "true"}), V4).config
     assert cfg.redirect_dns and cfg.capture_all_dns

@@ -1,7 +1,8 @@
 """The plugin's minimal HTTP/1.1 GET (``cni.kube``): response framing by Content-Length, chunked
 transfer-encoding and connection close, malformed answers, the request it sends, and the server
-URL and path escaping it does without ``urllib``. Parsing is driven from bytes and over real TLS
-connections to small local servers that answer with canned bytes."""
+URL and path escaping it does without ``urllib``, numbers too long for int(), and the deadline
+that bounds a request however slowly the server sends. Parsing is driven from bytes and over
+real TLS connections to small local servers that answer with canned bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import io
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -124,6 +126,18 @@ def test_status_line_and_header_forms() -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Length: 4, 5\r\n\r\nabcde", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "ended early: 3 of 10 body bytes"),
+        # More digits than int() converts (4,300), and more than any length has.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 19 + b"\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xd9\xa2\r\n\r\nab", "bad Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 5000 + b"\r\nab\r\n0\r\n\r\n",
+            "bad chunk size",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1" + b"0" * 16 + b"\r\nab\r\n0\r\n\r\n",
+            "bad chunk size",
+        ),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", "bad chunk size"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nab\r\n0\r\n\r\n", "bad chunk size"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n", "bad chunk size"),
@@ -143,6 +157,15 @@ def test_malformed_responses(raw: bytes, message: str) -> None:
     with pytest.raises(kube.HTTPError, match=message) as info:
         parse(raw)
     assert not isinstance(info.value, kube.TooLarge)
+    assert len(str(info.value)) < 200, "an over-long value is clipped in the message"
+
+
+def test_numbers_with_many_leading_zeros() -> None:
+    # Still the numbers they spell, however many zeros lead them.
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000 + b"2\r\n\r\n{}"
+    assert parse(raw).body == b"{}"
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 5000 + b"2\r\n{}\r\n0\r\n\r\n"
+    assert parse(raw).body == b"{}"
 
 
 @pytest.mark.parametrize(
@@ -179,7 +202,7 @@ class CannedServer:
     """Accepts TLS connections on 127.0.0.1 and answers each with the next canned response, sent
     in the pieces given (to cross chunk and header boundaries), then closes the connection."""
 
-    def __init__(self, pki: Pki, responses: list[list[bytes]]) -> None:
+    def __init__(self, pki: Pki, responses: list[Iterable[bytes]]) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -222,7 +245,7 @@ Serve = Callable[..., CannedServer]
 def serve(pki: Pki) -> Iterator[Serve]:
     servers: list[CannedServer] = []
 
-    def start(*responses: list[bytes]) -> CannedServer:
+    def start(*responses: Iterable[bytes]) -> CannedServer:
         servers.append(CannedServer(pki, list(responses)))
         return servers[-1]
 
@@ -302,6 +325,53 @@ def test_failures_over_tls(
         get(pki, tmp_path, srv.port)
 
 
+def test_over_long_content_length_is_a_bad_response_and_retried(
+    pki: Pki, tmp_path: Path, serve: Serve
+) -> None:
+    ok = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(POD), POD)]
+    srv = serve([b"HTTP/1.1 200 OK\r\nContent-Length: " + b"7" * 5000 + b"\r\n\r\n"], ok)
+    kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{srv.port}", ca_data=pki.ca_cert, token="t")
+    failures: list[kube.KubeError] = []
+
+    def on_failure(attempt: int, err: kube.KubeError) -> bool:
+        failures.append(err)
+        return False
+
+    policy = kube.RetryPolicy(deadline=10, request_timeout=2, initial_backoff=0.01)
+    assert kube.fetch_pod(str(kc), "shop", "web-0", policy, on_failure=on_failure)["kind"] == "Pod"
+    assert len(failures) == 1 and failures[0].transient
+    assert "bad Content-Length '7777" in str(failures[0]) and "(5000 characters)" in str(failures[0])
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [
+        (500, True),
+        (503, True),
+        (429, True),
+        (408, True),
+        (401, True),
+        (403, True),
+        (404, False),
+        (400, False),
+    ],
+)
+def test_which_statuses_are_retried(
+    pki: Pki, tmp_path: Path, serve: Serve, status: int, transient: bool
+) -> None:
+    ok = [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(POD), POD)]
+    srv = serve([b"HTTP/1.1 %d Status\r\nContent-Length: 0\r\n\r\n" % status], *([ok] if transient else []))
+    kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{srv.port}", ca_data=pki.ca_cert, token="t")
+    policy = kube.RetryPolicy(deadline=10, request_timeout=2, initial_backoff=0.01)
+    if transient:
+        assert kube.fetch_pod(str(kc), "shop", "web-0", policy)["kind"] == "Pod"
+    else:
+        with pytest.raises(kube.KubeError, match=f"HTTP {status} Status$") as info:
+            kube.fetch_pod(str(kc), "shop", "web-0", policy)
+        assert not info.value.transient
+        assert len(srv.requests) == 1
+
+
 def test_retries_until_a_good_answer(pki: Pki, tmp_path: Path, serve: Serve) -> None:
     ok = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(POD, [len(POD)])]
     srv = serve([b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"], [b"junk"], ok)
@@ -353,6 +423,8 @@ def test_split_server(server: str, expected: tuple[str, int, str]) -> None:
         ("https://host:https", "invalid port"),
         ("https://host:65536", "out of range"),
         ("https://host:-1", "invalid port"),
+        ("https://host:" + "1" * 5000, r"out of range: 1{20}\.\.\. \(5000 digits\)$"),
+        ("https://host:" + "0" * 5000 + "70000", "out of range"),
     ],
 )
 def test_split_server_refuses(server: str, message: str) -> None:
@@ -360,10 +432,114 @@ def test_split_server_refuses(server: str, message: str) -> None:
         kube.split_server(server)
 
 
-def test_a_bad_port_is_a_kubeconfig_error(tmp_path: Path) -> None:
-    kc = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:99999", token="t")
-    with pytest.raises(kube.KubeError, match="has a port out of range"):
+def test_many_leading_zeros_in_the_port() -> None:
+    assert kube.split_server("https://host:" + "0" * 5000 + "6443") == ("host", 6443, "")
+
+
+@pytest.mark.parametrize("port", ["99999", "9" * 5000])
+def test_a_bad_port_is_a_kubeconfig_error(tmp_path: Path, port: str) -> None:
+    kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{port}", token="t")
+    with pytest.raises(kube.KubeError, match=f"kc: server .* has a port out of range: {port[:20]}") as info:
         kube.load_kubeconfig(str(kc))
+    assert not info.value.transient
+    assert len(str(info.value)) < 300
+
+
+# --- the deadline bounds every read ---------------------------------------------------------
+
+
+def drip(prefix: bytes, filler: bytes, *, gap: float = 0.2, for_seconds: float = 20.0) -> Iterator[bytes]:
+    """``prefix``, then ``filler`` one byte every ``gap`` seconds (one TLS record each), for at
+    most ``for_seconds``: a server that never stops sending and never finishes."""
+    yield prefix
+    end = time.monotonic() + for_seconds
+    i = 0
+    while time.monotonic() < end:
+        time.sleep(gap)
+        yield filler[i % len(filler) : i % len(filler) + 1]
+        i += 1
+
+
+class SlowHandshake:
+    """Accepts TCP connections and answers the ClientHello with the header of a TLS handshake
+    record, then its body one byte every 0.2 s (for at most 20 s): the handshake never ends."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                try:
+                    conn.recv(65536)  # the ClientHello
+                    for piece in drip(b"\x16\x03\x03\x40\x00", b"\x02\x00"):
+                        conn.sendall(piece)
+                except OSError:  # the client gave up
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+SLOW = {
+    "status-line": (b"HTTP/1.1 200 ", b"O"),
+    "headers": (HEAD, b"X-Slow: 1\r\n"),
+    "content-length-body": (HEAD + b"Content-Length: 100000\r\n\r\n", b"x"),
+    "chunked-body": (HEAD + b"Transfer-Encoding: chunked\r\n\r\n186a0\r\n", b"x"),
+    "chunk-size-line": (HEAD + b"Transfer-Encoding: chunked\r\n\r\n", b"0"),
+    "close-delimited-body": (HEAD + b"\r\n", b"x"),
+}
+
+
+@pytest.fixture(params=["handshake", *SLOW])
+def slow_server(request: pytest.FixtureRequest, serve: Serve) -> Iterator[int]:
+    """The port of a server that sends the named part of its answer a byte at a time."""
+    if request.param == "handshake":
+        srv = SlowHandshake()
+        yield srv.port
+        srv.close()
+        return
+    prefix, filler = SLOW[request.param]
+    yield serve(*(drip(prefix, filler) for _ in range(10))).port
+
+
+def test_the_deadline_bounds_a_request_the_server_drips(pki: Pki, tmp_path: Path, slow_server: int) -> None:
+    kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{slow_server}", ca_data=pki.ca_cert, token="t")
+    # The request timeout is longer than the deadline: the deadline alone must end the request.
+    policy = kube.RetryPolicy(deadline=2, request_timeout=30, initial_backoff=0.05)
+    start = time.monotonic()
+    with pytest.raises(
+        kube.KubeError, match="gave up after 1 attempts in 2s: .*no complete response within 2s"
+    ):
+        kube.fetch_pod(str(kc), "shop", "web-0", policy)
+    assert time.monotonic() - start < 6
+
+
+def test_the_request_timeout_bounds_a_request_the_server_drips(
+    pki: Pki, tmp_path: Path, slow_server: int
+) -> None:
+    kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{slow_server}", ca_data=pki.ca_cert, token="t")
+    policy = kube.RetryPolicy(deadline=60, request_timeout=1)
+    errors: list[kube.KubeError] = []
+
+    def on_failure(attempt: int, err: kube.KubeError) -> bool:
+        errors.append(err)
+        return True  # stop after the first request
+
+    start = time.monotonic()
+    with pytest.raises(kube.KubeError, match="no complete response within 1s$"):
+        kube.fetch_pod(str(kc), "shop", "web-0", policy, on_failure=on_failure)
+    assert time.monotonic() - start < 5
+    assert len(errors) == 1 and errors[0].transient
 
 
 _host = st.one_of(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from kubeapi import (
     run_plugin,
     write_kubeconfig,
 )
-from nsutil import NetNS, veth_pair
+from nsutil import NetNS, flocked, veth_pair
 
 pytestmark = pytest.mark.kernel
 
@@ -289,3 +290,129 @@ def test_applier_records_reach_the_plugin_log_file(
     assert "IPv4: using iptables-nft" in text, text
     assert "IPv4: using iptables-nft" in run.stderr
     assert run.stdout.count("\n") <= 1 and "using" not in run.stdout
+
+
+# --- races, swaps and busy namespaces --------------------------------------------------------------
+
+
+def test_two_adds_into_one_namespace_at_once_both_succeed_with_every_rule(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    api.add_pod(meshed_pod("twice", NS))
+    expected: list[str] | None = None
+    for _ in range(8):
+        ns = netns("twice")
+        conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))
+        env = plugin_env(ns.path, k8s_args(NS, "twice"))
+        procs = [start_plugin(exe, env, conf) for _ in range(2)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        lines = istio_lines(ns)
+        if expected is None:
+            solo = netns("solo")
+            assert (
+                add(exe, solo, conf | {"prevResult": prev_result("1.0.0", netns=solo.path)}, NS, "twice").code
+                == 0
+            )
+            expected = istio_lines(solo)
+        assert lines == expected
+
+
+def test_add_and_del_at_once_end_defined(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    api.add_pod(meshed_pod("adddel", NS))
+    for _ in range(5):
+        ns = netns("adddel")
+        conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))
+        env = plugin_env(ns.path, k8s_args(NS, "adddel"))
+        adding = start_plugin(exe, env, conf)
+        deleting = start_plugin(exe, {**env, "CNI_COMMAND": "DEL"}, conf)
+        for p in (adding, deleting):
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        # DEL leaves the rules to die with the namespace: the ADD's rules are all there.
+        assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_lines(ns)
+
+
+def test_namespace_path_switched_while_the_pod_is_read_gets_nothing(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS], tmp_path: Path
+) -> None:
+    api.add_pod(meshed_pod("swapped", NS))
+    pod, other = netns("pod"), netns("other")
+    link = tmp_path / "netns"
+    link.symlink_to(pod.path)
+    conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=str(link)))
+    seen = len(api.requests)
+    api.fail_next(3)  # the plugin retries for a moment: the path is switched meanwhile
+    p = start_plugin(exe, plugin_env(str(link), k8s_args(NS, "swapped")), conf)
+    deadline = time.monotonic() + 30
+    while len(api.requests) == seen:
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.005)
+    tmp = tmp_path / "netns.new"
+    tmp.symlink_to(other.path)
+    tmp.rename(link)
+    out, err = p.communicate(timeout=120)
+    assert not istio_lines(other) and not istio_lines(other, "ip6tables-save"), (
+        "rules went to the swapped-in namespace"
+    )
+    # The rules are in the namespace the plugin opened; the path no longer names it, so the ADD
+    # fails as for a namespace deleted meanwhile (the runtime tears the pod down).
+    assert istio_lines(pod)
+    assert p.returncode == 1 and json.loads(out)["code"] == 3, out
+
+
+def test_pod_namespace_held_past_the_wait_is_try_again_later(
+    kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from cni import plugin
+    from istio_iptables import lazylog
+
+    monkeypatch.setattr(plugin, "LOCK_WAIT", 1)
+    api.add_pod(meshed_pod("busy", NS))
+    ns = netns("busy")
+    conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))
+    out, err = io.StringIO(), io.StringIO()
+    previous = lazylog.get_sink()
+    try:
+        with flocked(ns.path):  # another apply, or Istio's own xtables lock for this pod
+            code = plugin.run(
+                plugin_env(ns.path, k8s_args(NS, "busy")), io.BytesIO(json.dumps(conf).encode()), out, err
+            )
+    finally:
+        lazylog.set_sink(previous)
+    doc = json.loads(out.getvalue())
+    assert code == 1 and doc["code"] == 11, doc
+    assert "try again later" in doc["details"]
+    assert not istio_lines(ns)
+
+
+def plugin_env(netns_path: str, args: str) -> dict[str, str]:
+    import os
+
+    return {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "5d6a1f0e8c7b4a39b2d1c0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9",
+        "CNI_NETNS": netns_path,
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": args,
+        "CNI_PATH": "/opt/cni/bin",
+        # A runtime passes no PYTHONPATH; one given to the suite points the plugin at that code.
+        **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
+    }
+
+
+def start_plugin(exe: Path, env: dict[str, str], conf: dict[str, Any]) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    assert p.stdin is not None
+    p.stdin.write(json.dumps(conf))
+    p.stdin.close()
+    p.stdin = None  # communicate() must not touch it again
+    return p

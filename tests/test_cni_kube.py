@@ -5,7 +5,9 @@ within a deadline, and the small YAML reader against PyYAML."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cni import kube
-from kubeapi import KubeAPIServer, Pki, make_pki, meshed_pod, write_kubeconfig
+from kubeapi import (
+    PYYAML_ONLY_FORMS,
+    YAML_KUBECONFIG_FORMS,
+    KubeAPIServer,
+    Pki,
+    make_pki,
+    meshed_pod,
+    write_kubeconfig,
+    yaml_kubeconfig,
+)
 
 TOKEN = "kube-unit-token"
 
@@ -149,7 +160,13 @@ def test_missing_kubeconfig(tmp_path: Path) -> None:
         kube.load_kubeconfig(str(tmp_path / "nope"))
 
 
-def test_deadline_bounds_the_retries(tmp_path: Path) -> None:
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_deadline_bounds_the_retries(pki: Pki, tmp_path: Path) -> None:
     now = [0.0]
     slept: list[float] = []
 
@@ -157,9 +174,10 @@ def test_deadline_bounds_the_retries(tmp_path: Path) -> None:
         slept.append(s)
         now[0] += s
 
-    with pytest.raises(kube.KubeError, match="gave up after"):
+    kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{closed_port()}", ca_file=pki.ca_cert)
+    with pytest.raises(kube.KubeError, match="gave up after .*Connection refused"):
         kube.fetch_pod(
-            str(tmp_path / "nope"),
+            str(kc),
             "a",
             "b",
             kube.RetryPolicy(deadline=10.0),
@@ -262,3 +280,214 @@ def test_yaml_subset_agrees_with_pyyaml(doc: dict[str, object]) -> None:
         return x if isinstance(x, bool | type(None) | dict | list) else str(x)
 
     assert strs(mine) == strs(ref), text
+
+
+# --- what is retried, what fails at once -------------------------------------------------------
+
+
+def _json_kubeconfig(path: Path, cluster: Mapping[str, object], user: Mapping[str, object]) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "clusters": [{"name": "c", "cluster": cluster}],
+                "users": [{"name": "u", "user": user}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    return path
+
+
+def _unusable(tmp_path: Path, pki: Pki, how: str) -> Path:
+    """A kubeconfig (or its absence) that no retry can fix."""
+    kc = tmp_path / "kc"
+    server = "https://127.0.0.1:1"
+    if how == "missing":
+        return tmp_path / "nope"
+    if how == "not-utf8":
+        kc.write_bytes(b"apiVersion: v1\nclusters:\n- name: caf\xe9\n")
+    elif how == "malformed-yaml":
+        kc.write_text("clusters: [{name: c, cluster: {server: https://x}\n")
+    elif how == "huge-integer":
+        kc.write_text("apiVersion: v1\npreferences: {colors: " + "1" * 5000 + "}\n")
+    elif how == "bad-date":
+        kc.write_text("apiVersion: v1\npreferences: {since: 2024-13-45}\n")
+    elif how == "deeply-nested":
+        kc.write_text("[" * 100_000)
+    elif how == "contexts-not-a-list":
+        kc.write_text('{"contexts": 5, "current-context": "x"}')
+    elif how == "ca-not-a-certificate":
+        (tmp_path / "ca.crt").write_text("not a certificate\n")
+        _json_kubeconfig(kc, {"server": server, "certificate-authority": "ca.crt"}, {"token": "t"})
+    elif how == "client-cert-not-a-certificate":
+        (tmp_path / "client.crt").write_text("garbage\n")
+        cluster = {"server": server, "certificate-authority": str(pki.ca_cert)}
+        _json_kubeconfig(kc, cluster, {"client-certificate": "client.crt", "client-key": str(pki.client_key)})
+    elif how == "exec-auth":
+        _json_kubeconfig(kc, {"server": server}, {"exec": {"command": "aws"}})
+    elif how == "token-with-newline":
+        _json_kubeconfig(kc, {"server": server}, {"token": "abc\r\nX-Injected: 1"})
+    elif how == "nul-in-a-path":
+        _json_kubeconfig(kc, {"server": server, "certificate-authority": "ca\0.crt"}, {"token": "t"})
+    elif how == "bad-host-name":
+        _json_kubeconfig(kc, {"server": "https://" + "ü" * 100}, {"token": "t"})
+    else:
+        raise AssertionError(how)
+    return kc
+
+
+UNUSABLE = {
+    "missing": "cannot read kubeconfig .*nope: No such file",
+    "not-utf8": "kubeconfig .*kc is not UTF-8 text",
+    "malformed-yaml": "kubeconfig .*kc is not valid YAML",
+    "huge-integer": "kubeconfig .*kc is not valid YAML: .*digits",
+    "bad-date": "kubeconfig .*kc is not valid YAML: month must be in 1..12",
+    "deeply-nested": "kubeconfig .*kc is not valid YAML",
+    "contexts-not-a-list": "kubeconfig .*kc: contexts is not a list",
+    "ca-not-a-certificate": "kubeconfig .*kc: cannot load TLS material",
+    "client-cert-not-a-certificate": "kubeconfig .*kc: cannot load TLS material",
+    "exec-auth": "'exec' authentication is not supported",
+    "token-with-newline": "kubeconfig .*kc: the token holds characters an HTTP header cannot carry",
+    "nul-in-a-path": "kubeconfig .*kc: the path 'ca\\\\x00.crt' holds a NUL character",
+    "bad-host-name": "kubeconfig .*kc: server .* has a host name that is not valid",
+}
+
+
+@pytest.mark.parametrize("how", UNUSABLE)
+def test_an_unusable_kubeconfig_fails_at_once(pki: Pki, tmp_path: Path, how: str) -> None:
+    kc = _unusable(tmp_path, pki, how)
+    attempts: list[int] = []
+
+    def on_failure(attempt: int, err: kube.KubeError) -> bool:
+        attempts.append(attempt)
+        return False  # not the caller's call to stop: the error itself must
+
+    start = time.monotonic()
+    with pytest.raises(kube.KubeError, match=UNUSABLE[how]) as info:
+        kube.fetch_pod(str(kc), "shop", "web-0", kube.RetryPolicy(deadline=20), on_failure=on_failure)
+    assert time.monotonic() - start < 6
+    assert attempts == [1], "the caller still hears of the failure (the installer bypass needs it)"
+    assert not info.value.transient
+    assert "gave up" not in str(info.value)
+
+
+def test_non_utf8_token_file(pki: Pki, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe")
+    kc = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:1", ca_file=pki.ca_cert, token_file=token)
+    with pytest.raises(kube.KubeError, match=f"tokenFile {token} is not UTF-8 text") as info:
+        kube.fetch_pod(str(kc), "shop", "web-0", kube.RetryPolicy(deadline=20))
+    assert not info.value.transient
+
+
+def test_an_unreachable_server_is_retried_until_the_deadline(pki: Pki, tmp_path: Path) -> None:
+    kc = write_kubeconfig(tmp_path / "kc", f"https://127.0.0.1:{closed_port()}", ca_file=pki.ca_cert)
+    attempts: list[int] = []
+
+    def on_failure(attempt: int, err: kube.KubeError) -> bool:
+        attempts.append(attempt)
+        return False
+
+    start = time.monotonic()
+    with pytest.raises(kube.KubeError, match="gave up after .* in 1s: .*Connection refused") as info:
+        policy = kube.RetryPolicy(deadline=1, initial_backoff=0.05)
+        kube.fetch_pod(str(kc), "shop", "web-0", policy, on_failure=on_failure)
+    assert time.monotonic() - start < 6
+    assert len(attempts) > 1 and info.value.transient
+
+
+def test_a_missing_pod_fails_at_once(api: KubeAPIServer, pki: Pki, tmp_path: Path) -> None:
+    kc = write_kubeconfig(tmp_path / "kc", api.url, ca_file=pki.ca_cert, token=TOKEN)
+    before = len(api.requests)
+    with pytest.raises(kube.KubeError, match='HTTP 404 Not Found: pods "gone" not found$') as info:
+        kube.fetch_pod(str(kc), "shop", "gone", kube.RetryPolicy(deadline=20))
+    assert not info.value.transient
+    assert len(api.requests) == before + 1
+
+
+def test_a_wrong_token_is_retried(api: KubeAPIServer, pki: Pki, tmp_path: Path) -> None:
+    # 401: the installer rewrites the kubeconfig with the rotated token, so it is retried.
+    kc = write_kubeconfig(tmp_path / "kc", api.url, ca_file=pki.ca_cert, token="stale")
+    with pytest.raises(kube.KubeError, match="gave up after .*HTTP 401") as info:
+        fetch(kc, deadline=0.5)
+    assert info.value.transient
+
+
+# --- kubeconfigs as people write them ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", YAML_KUBECONFIG_FORMS)
+def test_standard_kubeconfigs(api: KubeAPIServer, pki: Pki, tmp_path: Path, form: str) -> None:
+    kc = tmp_path / "kc"
+    text = yaml_kubeconfig(form, api.url, pki.ca_cert, TOKEN)
+    kc.write_text(text)
+    if form in PYYAML_ONLY_FORMS:
+        with pytest.raises(kube._NotSimple):
+            kube._simple_yaml(text)
+    else:
+        assert kube._simple_yaml(text) == yaml.safe_load(text)
+    assert fetch(kc)["kind"] == "Pod"
+    assert api.requests[-1] == ("GET", "/api/v1/namespaces/shop/pods/web-0", True)
+
+
+def test_a_byte_order_mark_is_allowed(api: KubeAPIServer, pki: Pki, tmp_path: Path) -> None:
+    kc = write_kubeconfig(tmp_path / "kc", api.url, ca_file=pki.ca_cert, token=TOKEN)
+    kc.write_bytes(b"\xef\xbb\xbf" + kc.read_bytes())
+    assert fetch(kc)["kind"] == "Pod"
+
+
+_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8) | st.sampled_from(["", "\0", "é"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+_field = st.sampled_from(
+    [
+        "server",
+        "certificate-authority",
+        "certificate-authority-data",
+        "tls-server-name",
+        "token",
+        "tokenFile",
+        "client-certificate",
+        "client-key",
+        "client-certificate-data",
+        "client-key-data",
+        "exec",
+        "name",
+        "cluster",
+        "user",
+        "insecure-skip-tls-verify",
+    ]
+)
+
+
+@given(
+    top=st.dictionaries(
+        st.sampled_from(["clusters", "users", "contexts", "current-context"]), _value, max_size=4
+    ),
+    cluster=st.dictionaries(_field, _value, max_size=4),
+    user=st.dictionaries(_field, _value, max_size=4),
+)
+@settings(max_examples=300)
+def test_any_kubeconfig_is_read_or_refused_with_a_kube_error(
+    tmp_path_factory: pytest.TempPathFactory,
+    top: dict[str, object],
+    cluster: dict[str, object],
+    user: dict[str, object],
+) -> None:
+    doc: dict[str, object] = {
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1", **cluster}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+        **top,
+    }
+    kc = tmp_path_factory.mktemp("kc") / "kc"
+    kc.write_text(json.dumps(doc))
+    try:
+        loaded = kube.load_kubeconfig(str(kc))
+        kube.get_pod(loaded, "shop", "web-0", 0.5)
+    except kube.KubeError:
+        pass

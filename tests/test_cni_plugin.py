@@ -242,8 +242,8 @@ def test_unparsable_inject_value_and_disable_envoy_are_ignored_as_istio_does(
         )
     )
     run = run_plugin(exe, "ADD", netconf(kubeconfig), netns=sandbox, args=k8s_args(NS, name))
-    doc = err(run, 999)
-    assert "failed to install the capture rules" in doc["msg"]
+    doc = err(run, 8)
+    assert "failed to install the capture rules" in doc["msg"] and "not a namespace file" in doc["details"]
 
 
 # --- ADD: errors ---------------------------------------------------------------------------
@@ -317,9 +317,12 @@ def test_bad_environment(
     assert text in err(run, code)["msg"]
 
 
-def test_missing_netns_is_error_8(exe: Path, kubeconfig: Path, tmp_path: Path) -> None:
+def test_missing_netns_is_error_3_container_unknown(exe: Path, kubeconfig: Path, tmp_path: Path) -> None:
+    # The spec's code for a container that does not exist (libcni's 8, "invalid netns", is kept
+    # for a CNI_NETNS that exists but cannot be used).
     run = run_plugin(exe, "ADD", netconf(kubeconfig), netns=str(tmp_path / "gone"))
-    assert err(run, 8)["msg"].startswith("cannot open network namespace")
+    doc = err(run, 3)
+    assert doc["msg"].startswith("cannot open network namespace") and doc["details"] == "No such file or directory"
 
 
 def test_the_plugins_own_namespace_is_refused(exe: Path, kubeconfig: Path) -> None:

@@ -83,6 +83,20 @@ def test_missing_variable_is_error_4(command: str, missing: str, names: str) -> 
     assert names in e.value.msg
 
 
+@pytest.mark.parametrize("var", ["CNI_NETNS", "CNI_ARGS", "CNI_PATH", "CNI_CONTAINERID", "CNI_IFNAME"])
+@pytest.mark.parametrize("bad", ["a\0b", "a\ud800"])
+def test_values_no_process_environment_holds_are_error_4(var: str, bad: str) -> None:
+    # An in-process caller's mapping may hold them; os.stat() and open() would raise ValueError.
+    with pytest.raises(p.CniError) as e:
+        p.read_environment(env("ADD", **{var: bad}))
+    assert e.value.code == p.ERR_INVALID_ENVIRONMENT
+
+
+def test_bytes_that_are_not_utf8_are_a_valid_netns_path() -> None:
+    # What os.environ makes of b"/var/run/netns/\xff": os.fsencode gives the bytes back.
+    assert p.read_environment(env("ADD", CNI_NETNS="/var/run/netns/\udcff")).netns == "/var/run/netns/\udcff"
+
+
 def test_del_does_not_need_a_netns() -> None:
     assert p.read_environment(env("DEL", CNI_NETNS="-")).netns == ""
 
@@ -131,6 +145,33 @@ def test_bad_network_configuration(data: bytes, code: int) -> None:
     assert e.value.code == code
 
 
+def _nested(depth: int) -> bytes:
+    return b'{"name":"n","x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"[" * 100_000, "nested deeper than"),  # the decoder's RecursionError
+        (_nested(p.MAX_DEPTH), "nested deeper than"),  # decodes, but is refused as deep
+        (b'{"name":"n","x":' + b"9" * 5000 + b"}", "4300 digits"),  # int()'s digit limit
+        (b'{"name":"n","x":"\\ud800"}', "unpaired surrogate"),
+        (b'{"name":"n","\\udfff":1}', "unpaired surrogate"),
+        (b'{"name":"n","x":[{"y":"a\\udc80"}]}', "unpaired surrogate"),
+    ],
+)
+def test_undecodable_network_configuration_is_error_6(data: bytes, why: str) -> None:
+    with pytest.raises(p.CniError) as e:
+        p.parse_netconf(data)
+    assert e.value.code == p.ERR_DECODING_FAILURE
+    assert why in e.value.details
+
+
+def test_reasonable_nesting_and_text_decode() -> None:
+    assert p.parse_netconf(_nested(p.MAX_DEPTH - 2))["name"] == "n"
+    assert p.parse_netconf('{"name":"n","x":"\\ud83d\\ude00 é"}'.encode())["x"] == "\U0001f600 é"
+
+
 def test_missing_cni_version_means_0_1_0_which_is_unsupported() -> None:
     conf = p.parse_netconf(b'{"name":"n"}')
     assert p.config_version(conf) == "0.1.0"
@@ -167,6 +208,28 @@ def test_commands_need_their_spec_version(command: str, version: str, ok: bool) 
         with pytest.raises(p.CniError) as e:
             p.check_version(command, version)
         assert e.value.code == p.ERR_INCOMPATIBLE_VERSION
+
+
+@pytest.mark.parametrize(
+    ("command", "version", "code"),
+    [
+        ("CHECK", "9" * 5000 + ".0.0", p.ERR_INCOMPATIBLE_VERSION),
+        ("GC", "1.0." + "9" * 5000, p.ERR_INCOMPATIBLE_VERSION),
+        ("STATUS", "0" * 5000 + "1.1.0", p.ERR_INCOMPATIBLE_VERSION),
+        ("CHECK", "\u0661.\u0661.\u0660", p.ERR_DECODING_FAILURE),  # Arabic-Indic digits: not Go's \d
+    ],
+)
+def test_odd_versions_are_refused_without_converting_them(command: str, version: str, code: int) -> None:
+    with pytest.raises(p.CniError) as e:
+        p.check_version(command, version)
+    assert e.value.code == code
+    assert len(str(e.value)) < 300
+
+
+def test_version_components_compare_as_numbers() -> None:
+    p.check_version("GC", "1.1.0")
+    assert p._version_tuple("01.001.0") == (1, 1, 0)
+    assert p._version_tuple("1." + "9" * 5000 + ".0") > p._version_tuple("1.1.0")
 
 
 def test_version_info_lists_what_is_supported() -> None:
@@ -206,6 +269,17 @@ def test_bad_cni_args_are_error_4(raw: str) -> None:
     with pytest.raises(p.CniError) as e:
         p.parse_cni_args(raw, KNOWN)
     assert e.value.code == p.ERR_INVALID_ENVIRONMENT
+
+
+@pytest.mark.parametrize("value", ["web\udcff", "\udc80"])
+def test_cni_args_that_are_not_utf8_are_error_4(value: str) -> None:
+    # A byte that is not UTF-8 reaches os.environ as a surrogate; no pod is named with it.
+    with pytest.raises(p.CniError) as e:
+        p.parse_cni_args(f"K8S_POD_NAMESPACE=a;K8S_POD_NAME={value}", KNOWN)
+    assert e.value.code == p.ERR_INVALID_ENVIRONMENT
+    assert "K8S_POD_NAME" in e.value.details
+    # Ignored pairs are not looked at.
+    assert p.parse_cni_args(f"IgnoreUnknown=1;X={value};K8S_POD_NAME=é", KNOWN) == {"K8S_POD_NAME": "é"}
 
 
 def test_empty_cni_args() -> None:

@@ -388,6 +388,119 @@ def test_file_changed_while_updating_is_not_overwritten(node: dict[str, Path]) -
     assert inst.status.ready and load(path)["name"] == "cbr1" and ours(load(path))
 
 
+# --- a symlinked configuration ----------------------------------------------------------------
+
+
+LINKS = {
+    # link name in the net dir -> (where the real file lives, what the link says)
+    "relative-same-dir": ("net/flannel.real", "flannel.real"),
+    "absolute-same-dir": ("net/flannel.real", "ABS"),
+    "relative-other-dir": ("owner/10-flannel.conflist", "../owner/10-flannel.conflist"),
+    "absolute-other-dir": ("owner/10-flannel.conflist", "ABS"),
+}
+
+
+def linked(node: dict[str, Path], how: str) -> tuple[Path, Path, str]:
+    """10-flannel.conflist as a symlink to a file its owner keeps (and updates) elsewhere; the
+    real file's name has no CNI extension, so the runtime loads it only through the link."""
+    where, says = LINKS[how]
+    real = node["net"].parent / where
+    real.parent.mkdir(exist_ok=True)
+    real.write_bytes(DATA.joinpath("10-flannel.conflist").read_bytes())
+    link = node["net"] / "10-flannel.conflist"
+    target = str(real) if says == "ABS" else says
+    link.symlink_to(target)
+    return link, real, target
+
+
+def no_temporary_files(*dirs: Path) -> bool:
+    return not any(list(d.glob(".*.tmp")) for d in dirs)
+
+
+@pytest.mark.parametrize("how", LINKS)
+def test_a_symlinked_conflist_is_written_through(
+    node: dict[str, Path], how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link, real, target = linked(node, how)
+    original = real.read_bytes()
+    renames: list[tuple[str, str]] = []
+    real_rename = os.rename
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        renames.append((str(src), str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(install.os, "rename", rename)
+    inst = installer_for(node)
+    inst.reconcile()
+    assert link.is_symlink() and os.readlink(link) == target, "the link stays"
+    assert ours(load(real)) == [inst.entry], "the file it leads to has the entry"
+    conf_renames = [(src, dst) for src, dst in renames if dst == str(real)]
+    assert conf_renames and all(Path(src).parent == real.parent for src, _ in conf_renames), (
+        "written beside the real file and renamed over it"
+    )
+    assert no_temporary_files(node["net"], real.parent)
+    inst.reconcile()  # nothing to do: still a link
+    assert link.is_symlink() and os.readlink(link) == target
+
+    inst.cleanup()
+    assert link.is_symlink() and os.readlink(link) == target, "the link stays"
+    assert real.read_bytes() == original, "byte for byte as its owner wrote it"
+    assert no_temporary_files(node["net"], real.parent)
+
+
+@pytest.mark.parametrize("how", ["relative-same-dir", "relative-other-dir"])
+def test_the_link_owners_update_is_left_alone_on_removal(node: dict[str, Path], how: str) -> None:
+    link, real, target = linked(node, how)
+    inst = installer_for(node)
+    inst.reconcile()
+    # Its owner writes the file again (in place, through its own path), without our entry.
+    theirs = DATA.joinpath("10-flannel.conflist").read_bytes().replace(b"cbr0", b"cbr9")
+    real.write_bytes(theirs)
+    inst.cleanup()
+    assert real.read_bytes() == theirs
+    assert link.is_symlink() and os.readlink(link) == target
+
+
+def test_the_link_owners_update_keeping_our_entry_loses_only_the_entry(node: dict[str, Path]) -> None:
+    link, real, target = linked(node, "relative-other-dir")
+    inst = installer_for(node)
+    inst.reconcile()
+    doc = load(real)
+    doc["plugins"][0]["name"] = "cbr9"
+    real.write_text(json.dumps(doc))
+    inst.cleanup()
+    after = load(real)
+    assert not ours(after) and after["plugins"][0]["name"] == "cbr9"
+    assert link.is_symlink() and os.readlink(link) == target
+
+
+@pytest.mark.parametrize("how", [None, "relative-other-dir"])
+def test_a_change_while_restoring_is_not_overwritten(
+    node: dict[str, Path], how: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if how is None:
+        real = link = put(node, "10-flannel.conflist")
+    else:
+        link, real, _ = linked(node, how)
+    inst = installer_for(node)
+    inst.reconcile()
+    theirs = DATA.joinpath("10-flannel.conflist").read_bytes().replace(b"cbr0", b"cbr9")
+    real_file_mode = install._file_mode
+
+    def racing_file_mode(p: Path, default: int = 0o644) -> int:
+        # The owner writes between our check of the file and our rename over it.
+        if p == link and real.read_bytes() != theirs:
+            real.write_bytes(theirs)
+        return real_file_mode(p, default)
+
+    monkeypatch.setattr(install, "_file_mode", racing_file_mode)
+    inst.cleanup()
+    assert real.read_bytes() == theirs, "the owner's update is kept"
+    assert link.is_symlink() == (how is not None)
+    assert no_temporary_files(node["net"], real.parent)
+
+
 # --- Multus mode ------------------------------------------------------------------------------
 
 
@@ -613,6 +726,42 @@ def test_bad_settings_name_the_variable(node: dict[str, Path], env: dict[str, st
 def test_bad_flag_names_the_flag(node: dict[str, Path]) -> None:
     with pytest.raises(SettingsError, match="--health-port"):
         settings_for(node, "--health-port", "x")
+
+
+LONG = "1" * 5000  # more digits than int() converts
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HEALTH_PORT": LONG}, r"HEALTH_PORT: '1{60}'\.\.\. \(5000 characters\) is not a port number"),
+        ({"KUBERNETES_SERVICE_PORT": LONG}, "KUBERNETES_SERVICE_PORT: '1111.* is not a port number"),
+        ({"KUBECONFIG_MODE": LONG}, "KUBECONFIG_MODE: '1111.* is not an octal file mode"),
+        ({"POLL_INTERVAL": LONG}, "POLL_INTERVAL: '1111.* is not a number of seconds"),
+        # int() takes these; the kubeconfig's URL (and Go's) would not.
+        (
+            {"KUBERNETES_SERVICE_PORT": "\u0664\u0664\u0663"},
+            "KUBERNETES_SERVICE_PORT: '٤٤٣' is not a port number",
+        ),
+        ({"KUBERNETES_SERVICE_PORT": "4_43"}, "KUBERNETES_SERVICE_PORT: '4_43' is not a port number"),
+        ({"HEALTH_PORT": "+80"}, "HEALTH_PORT: '\\+80' is not a port number"),
+        ({"KUBECONFIG_MODE": "6_00"}, "KUBECONFIG_MODE: '6_00' is not an octal file mode"),
+    ],
+)
+def test_numbers_in_settings_are_plain_digits(
+    node: dict[str, Path], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message) as info:
+        settings_for(node, **env)
+    assert len(str(info.value)) < 200
+
+
+def test_numbers_in_settings_may_have_leading_zeros_and_blanks(node: dict[str, Path]) -> None:
+    s = settings_for(
+        node, HEALTH_PORT="0" * 5000 + "8080", KUBECONFIG_MODE=" 0600 ", KUBERNETES_SERVICE_PORT=" 06443"
+    )
+    assert (s.health_port, s.kubeconfig_mode) == (8080, 0o600)
+    assert s.server == "https://10.96.0.1:6443"
 
 
 # --- health endpoints -----------------------------------------------------------------------
