@@ -79,6 +79,7 @@ class Settings:
     health_port: int = 8000
     poll_interval: float = 1.0
     cleanup_files: bool = False
+    native_nftables: bool = False
 
     @property
     def kubeconfig_path(self) -> Path:
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default '/usr/bin/python3 -S')",
     )
     a("--cni-network-config", help="JSON template of the entry [CNI_NETWORK_CONFIG]")
+    a(
+        "--native-nftables",
+        metavar="BOOL",
+        help="have the plugin install native nftables rules instead of iptables ones: writes "
+        '"native_nftables": true into the entry [NATIVE_NFTABLES] (default false)',
+    )
     a("--cni-network-config-file", help="file holding the entry template [CNI_NETWORK_CONFIG_FILE]")
     a(
         "--log-level",
@@ -337,6 +344,7 @@ def parse_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
         health_port=_port(*get("health_port", "HEALTH_PORT", "8000"), zero=True),
         poll_interval=interval,
         cleanup_files=_bool(*get("cleanup_files", "CLEANUP_FILES", "false")),
+        native_nftables=_bool(*get("native_nftables", "NATIVE_NFTABLES", "false")),
     )
     plugin_entry(settings)  # a bad entry template fails here, before anything is written
     return settings
@@ -515,8 +523,12 @@ def plugin_entry(settings: Settings) -> dict[str, Any]:
     """The istio-cni entry as it goes into a conflist (no name or cniVersion: the list's apply)."""
     if settings.network_config:
         doc = _render_template(settings.network_config, settings)
+        if settings.native_nftables:
+            doc["native_nftables"] = True
         return {k: v for k, v in doc.items() if k not in ("cniVersion", "name")}
     entry: dict[str, Any] = {"type": PLUGIN_TYPE, "log_level": settings.log_level}
+    if settings.native_nftables:
+        entry["native_nftables"] = True
     if settings.plugin_log_file:
         entry["log_file"] = settings.plugin_log_file
     entry["pod_namespace"] = settings.pod_namespace

@@ -12,7 +12,7 @@ Configuration keys (the conflist entry; unknown keys are ignored):
   log_file                      also append the log to this file
   exclude_namespaces            namespaces passed through untouched (also under "kubernetes")
   pod_namespace                 the istio-cni-node DaemonSet's namespace (its pods pass when the API fails)
-  native_nftables               handed to the applier
+  native_nftables               true: install native nftables rules (Istio's nativeNftables)
   kubernetes.kubeconfig         the kubeconfig used to read the Pod
   kubernetes.cni_bin_dir        accepted for compatibility (nothing is executed from it)
   kubernetes.api_deadline_seconds         overall time to read the Pod (default 30)
@@ -393,9 +393,7 @@ _APPLY_CODES = {
 def _install(call: Call, config: Config, log: Log, ns: Netns) -> None:
     from istio_iptables.apply import ApplyError, apply
     from istio_iptables.config import ApplyOptions
-    from istio_iptables.planner import plan
 
-    ruleset = plan(config)
     opts = ApplyOptions(
         network_namespace=call.inv.netns,
         cni_mode=True,
@@ -412,11 +410,21 @@ def _install(call: Call, config: Config, log: Log, ns: Netns) -> None:
     except NetnsError as e:
         raise CniError(ERR_INVALID_NETNS, where, str(e)) from None
     try:
-        apply(ruleset, opts, call.executor, netns=ns, lock_wait=LOCK_WAIT)
+        if opts.native_nftables:
+            from istio_iptables.nft_apply import apply_nft
+            from istio_iptables.planner import plan_nft
+
+            apply_nft(plan_nft(config), opts, call.executor, netns=ns, lock_wait=LOCK_WAIT)
+        else:
+            from istio_iptables.planner import plan
+
+            apply(plan(config), opts, call.executor, netns=ns, lock_wait=LOCK_WAIT)
     except ApplyError as e:
         raise CniError(_APPLY_CODES.get(e.kind, ERR_INTERNAL), where, str(getattr(e, "message", e))) from None
     mode = config.interception_mode.value
     families = "IPv4+IPv6" if config.enable_ipv6 else "IPv4"
+    if opts.native_nftables:
+        families += ", nftables"
     log.info(
         f"installed {mode} capture rules ({families}) in {call.inv.netns} in {time.monotonic() - start:.3f}s"
     )

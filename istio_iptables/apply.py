@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from .config import ApplyOptions
     from .executor import Completed, Executor
-    from .ruleset import FamilyRules, Ruleset
+    from .ruleset import FamilyRules, NftRules, Ruleset
 
 log = get_logger(__name__)
 
@@ -324,7 +324,19 @@ class _Target:
         cmd = [b.restore, "--noflush", f"--wait={self.lock_wait}"]
         env = {"XTABLES_LOCKFILE": self._xtables_lockfile()} if b.legacy and self.cni_mode else None
         # Only owner matches make iptables look names up (even numeric ones: getpwnam first).
-        if self.local_lookups and "-owner" in doc:
+        return self.start_tool(cmd, doc, env, looks_up_names="-owner" in doc)
+
+    def run_tool(self, cmd: list[str], doc: str | None = None, *, looks_up_names: bool = False) -> Completed:
+        """Run ``cmd`` (reading ``doc``) in the target namespace and wait for it."""
+        return self.start_tool(cmd, doc, None, looks_up_names=looks_up_names)()
+
+    def start_tool(
+        self, cmd: list[str], doc: str | None, env: dict[str, str] | None, *, looks_up_names: bool
+    ) -> Callable[[], Completed]:
+        """Start ``cmd`` in the target namespace, with user and group lookups limited to local
+        files when it ``looks_up_names`` and the host's could reach the network (nsexec.py); the
+        returned function waits for it."""
+        if self.local_lookups and looks_up_names:
             net = ["--net", self.cmd_netns] if self.cmd_netns else []
             argv = [*_nsexec_argv(), *net, "--local-lookups", "--", *cmd]
         else:
@@ -631,8 +643,6 @@ def apply(
     if opts.skip_rule_apply:
         log.info("--skip-rule-apply: not applying rules")
         return
-    if opts.native_nftables:
-        log.warning("--native-nftables is not implemented: installing the rules with iptables")
     ns = netns or open_target(opts.network_namespace)
     try:
         target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
@@ -776,7 +786,7 @@ def _cleanup(target: _Target, opts: ApplyOptions, enable_ipv6: bool, ruleset: Ru
     log.info("cleanup done")
 
 
-def _routing_what(rs: Ruleset) -> str:
+def _routing_what(rs: Ruleset | NftRules) -> str:
     return "TPROXY policy routing" if rs.routes else "loopback addresses"
 
 

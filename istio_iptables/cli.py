@@ -390,12 +390,14 @@ def _target(real: RealMachine | None, opts: ApplyOptions) -> Netns | None:
 
 
 def _iptables(cfg: Config, opts: ApplyOptions, real: RealMachine | None = None) -> int:
-    from .planner import plan
-
-    ruleset = plan(cfg)
     if opts.dry_run and opts.cleanup_only:
         _log.info("dry-run with --cleanup-only: nothing to print, nothing removed")
         return 0
+    if opts.native_nftables:
+        return _nftables(cfg, opts, real)
+    from .planner import plan
+
+    ruleset = plan(cfg)
     if opts.dry_run:
         from .render import render_dry_run
 
@@ -420,14 +422,49 @@ def _iptables(cfg: Config, opts: ApplyOptions, real: RealMachine | None = None) 
     return 0
 
 
+def _nftables(cfg: Config, opts: ApplyOptions, real: RealMachine | None) -> int:
+    """``_iptables`` for --native-nftables: the same plan, written as nftables rules."""
+    from .planner import plan_nft
+
+    rules = plan_nft(cfg)
+    if opts.dry_run:
+        from .nftables import render_dry_run_nft
+
+        _log.info("running in dry-run mode, no rule changes will be made")
+        sys.stdout.write(render_dry_run_nft(rules.rules))
+        sys.stdout.flush()
+        return 0
+    from .apply import ApplyError
+    from .nft_apply import apply_nft
+
+    try:
+        netns = _target(real, opts) if not opts.skip_rule_apply or opts.run_validation else None
+        apply_nft(rules, opts, netns=netns)
+        if opts.run_validation and not opts.cleanup_only:
+            from .validation import validate
+
+            validate(cfg, opts, ipv6=cfg.enable_ipv6, netns=netns)
+    except ApplyError as e:
+        _error(str(e))
+        return int(getattr(e, "exit_code", 1))
+    return 0
+
+
 def _clean(cfg: Config, opts: ApplyOptions, real: RealMachine | None = None) -> int:
     if opts.dry_run:
         _log.info("running in dry-run mode, no rules removed")
         return 0
     from .apply import ApplyError, cleanup
-    from .planner import plan
 
     try:
+        if opts.native_nftables:
+            from .nft_apply import cleanup_nft
+            from .planner import plan_nft
+
+            cleanup_nft(opts, rules=plan_nft(cfg), netns=_target(real, opts))
+            return 0
+        from .planner import plan
+
         # Both families, whatever this configuration says: rules of an earlier dual-stack run
         # must not survive. The planned rules let cleanup also find our plain rules in built-in
         # chains and our routes.

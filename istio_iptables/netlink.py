@@ -54,8 +54,10 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_GETTABLE = 1
+NFPROTO_INET = 1
 NFPROTO_IPV4 = 2
 NFPROTO_IPV6 = 10
+NFTA_TABLE_NAME = 1
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
@@ -237,13 +239,36 @@ def local_addresses() -> list[str]:
     return by_family[socket.AF_INET] + by_family[socket.AF_INET6]
 
 
+def _nft_tables(nfproto: int) -> list[bytes]:
+    seq = _next_seq()
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE
+    return _dump(NETLINK_NETFILTER, "netfilter", tables_message(nfproto, seq), seq, kind)
+
+
 def nft_table_count(nfproto: int) -> int:
     """How many nf_tables tables of family ``nfproto`` the calling thread's namespace has.
 
     Raises NetlinkError (also when the kernel has no nf_tables)."""
-    seq = _next_seq()
-    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE
-    return len(_dump(NETLINK_NETFILTER, "netfilter", tables_message(nfproto, seq), seq, kind))
+    return len(_nft_tables(nfproto))
+
+
+def parse_table_name(body: bytes) -> str | None:
+    """The name (NFTA_TABLE_NAME) of an NFT_MSG_NEWTABLE body, None without one."""
+    offset = _NFGENMSG.size
+    while offset + _RTATTR.size <= len(body):
+        length, kind = _RTATTR.unpack_from(body, offset)
+        if length < _RTATTR.size or offset + length > len(body):
+            raise NetlinkError(errno.EBADMSG, "truncated table attribute")
+        if kind & 0x7FFF == NFTA_TABLE_NAME:
+            return body[offset + _RTATTR.size : offset + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+        offset += _align(length)
+    return None
+
+
+def nft_table_names(nfproto: int) -> list[str]:
+    """The names of the nf_tables tables of family ``nfproto`` (``nft list tables inet``) in the
+    calling thread's namespace. Raises NetlinkError (also when the kernel has no nf_tables)."""
+    return [name for name in map(parse_table_name, _nft_tables(nfproto)) if name is not None]
 
 
 def _setns(fd: int) -> None:

@@ -184,7 +184,7 @@ OPTIONS: tuple[OptionDef, ...] = (
     _o("force-apply", None, "FORCE_APPLY", "false", Kind.BOOL,
        "Apply the rules even if they appear to be in place already.", apply_only=True),
     _o("native-nftables", None, "NATIVE_NFTABLES", "false", Kind.BOOL,
-       "Use native nftables instead of iptables rules.", apply_only=True),
+       "Write native nftables rules (inet tables istio-proxy-nat, -mangle, -raw) instead of iptables rules."),
     _o("force-iptables-binary", None, "FORCE_IPTABLES_BINARY", "", Kind.BINARY,
        "Use this iptables variant instead of detecting it: legacy or nft.", apply_only=True),
     # Additions: make a dry-run reproducible on any machine.

@@ -51,6 +51,8 @@ class Rule(NamedTuple):
     """One iptables rule: where it goes, what it matches, and its target.
 
     ``position`` is ``None`` for an append (``-A``) and a 1-based index for an insert (``-I``).
+    ``nft`` is the same rule's body as Istio writes it for native nftables (``meta l4proto tcp tcp
+    dport 15008 counter return``); the nftables renderer names the table and chain.
     """
 
     table: str
@@ -59,6 +61,7 @@ class Rule(NamedTuple):
     target: str
     target_args: tuple[str, ...] = ()
     position: int | None = None
+    nft: str = ""
 
     @property
     def spec(self) -> tuple[str, ...]:
@@ -122,3 +125,12 @@ class Ruleset(NamedTuple):
     @property
     def families(self) -> list[FamilyRules]:
         return [self.v4] if self.v6 is None else [self.v4, self.v6]
+
+
+class NftRules(NamedTuple):
+    """What the planner decided for native nftables: one rule list for the ``inet`` tables (both
+    families), in the order they must be applied, and the same routing as a Ruleset."""
+
+    rules: tuple[Rule, ...]
+    routes: tuple[PolicyRoute, ...] = ()
+    loopback_addresses: tuple[str, ...] = ()

@@ -207,6 +207,27 @@ def flocked(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+# Group names Istio's owner-group test cases use, which a plain Debian machine does not have.
+EXTRA_GROUPS = {"java": 30001, "ftp": 30002}
+
+_BIND_GROUP_FILE = (
+    "import os, subprocess, sys\n"
+    "subprocess.run(['mount', '--bind', sys.argv[1], '/etc/group'], check=True)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def with_extra_groups(argv: Sequence[str], directory: Path, groups: Mapping[str, int] = EXTRA_GROUPS) -> list[str]:
+    """``argv`` run in a private mount namespace whose /etc/group also has ``groups`` (a copy in
+    ``directory`` bound over it; the machine's file is untouched), so that the names resolve."""
+    import sys
+
+    copy = directory / "group"
+    text = Path("/etc/group").read_text()
+    copy.write_text(text + "".join(f"{name}:x:{gid}:\n" for name, gid in groups.items() if f"\n{name}:" not in text))
+    return ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _BIND_GROUP_FILE, str(copy), *argv]
+
+
 def netns_unavailable_reason() -> str | None:
     """None when this process can create a network namespace (root, ``ip netns add`` works);
     otherwise why not."""

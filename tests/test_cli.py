@@ -746,8 +746,13 @@ def test_random_valid_option_sets_produce_a_dry_run(
     )
     r = invoke(argv, env, machine)
     assert r.code == 0, (argv, env, r.err)
-    if parsed(argv, env, machine)[1].cleanup_only:
+    opts = parsed(argv, env, machine)[1]
+    if opts.cleanup_only:
         assert r.out == ""  # nothing would be installed
+        return
+    if opts.native_nftables:
+        assert r.out.startswith("# nft -f\nadd table inet istio-proxy-nat\n")
+        assert r.out.count("# nft -f\n") == 1 and "restore" not in r.out
         return
     assert r.out.startswith("# iptables-restore\n")
     assert r.out.count("# iptables-restore\n") == 1 and r.out.count("# ip6tables-restore\n") <= 1
@@ -790,13 +795,23 @@ def test_random_valid_dry_runs_load_into_a_fresh_namespace(
     )
     r = invoke(argv, env, machine)
     assert r.code == 0, r.err
-    if parsed(argv, env, machine)[1].cleanup_only:
+    opts = parsed(argv, env, machine)[1]
+    if opts.cleanup_only:
         return
-    docs = restore_documents(r.out)
-    assert docs and docs[0][0] == "iptables-restore"
+    if opts.native_nftables:
+        _, sep, script = r.out.partition("# nft -f\n")
+        assert sep
+        docs = [("nft", script)]
+    else:
+        docs = restore_documents(r.out)
+        assert docs and docs[0][0] == "iptables-restore"
     ns = create_netns("flags")
     try:
         for command, doc in docs:
+            if command == "nft":
+                p = ns.run(["nft", "-f", "-"], input=doc, check=False)
+                assert p.returncode == 0, f"nft rejected:\n{doc}\n{p.stderr}\nargv={argv} env={env}"
+                continue
             p = ns.run([command, "--noflush"], input=doc, check=False)
             assert p.returncode == 0, f"{command} rejected:\n{doc}\n{p.stderr}\nargv={argv} env={env}"
     finally:

@@ -58,3 +58,34 @@ def test_capture_case(case: dict, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     assert r.stdout.startswith("MATCH")
+
+
+NFT = CONFORMANCE / "nftables"
+NFT_CASES = json.loads((NFT / "nft_cases.json").read_text())["cases"] if NFT.is_dir() else []
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", NFT_CASES, ids=[c["name"] for c in NFT_CASES])
+def test_nftables_case(case: dict, tmp_path: Path) -> None:
+    """Istio's native nftables cases: our `--native-nftables --dry-run` output, loaded with `nft -f`
+    into a fresh namespace, holds what Istio's script does (compare_nft.py)."""
+    assert "--native-nftables=true" in case["args"]
+    p = dry_run(case)
+    assert p.returncode == 0, p.stderr
+    actual = tmp_path / "actual.nft"
+    actual.write_text(p.stdout)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(NFT / "compare_nft.py"),
+            str(NFT / case["expected"]),
+            "--actual-file",
+            str(actual),
+            "--require-header",
+            *EXTRA_GROUPS,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"

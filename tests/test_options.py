@@ -337,7 +337,7 @@ ISTIO_FLAGS = {
 }
 APPLY_ONLY = {
     "iptables-probe-port", "probe-timeout", "skip-rule-apply", "run-validation", "network-namespace",
-    "cni-mode", "reconcile", "cleanup-only", "force-apply", "native-nftables", "force-iptables-binary",
+    "cni-mode", "reconcile", "cleanup-only", "force-apply", "force-iptables-binary",
 }  # fmt: skip
 
 
