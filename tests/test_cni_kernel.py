@@ -416,3 +416,110 @@ def start_plugin(exe: Path, env: dict[str, str], conf: dict[str, Any]) -> subpro
     p.stdin.close()
     p.stdin = None  # communicate() must not touch it again
     return p
+
+
+# --- native nftables ------------------------------------------------------------------------------
+
+
+def cli_args(cfg: Any) -> tuple[list[str], dict[str, str]]:
+    """istio-iptables options (and environment) that give exactly ``cfg`` (a Config)."""
+    from istio_iptables.config import InterceptionMode
+
+    def joined(values: Any) -> str:
+        return ",".join(str(v) for v in values)
+
+    inbound = "*" if cfg.inbound_ports.wildcard else joined(cfg.inbound_ports.ports)
+    include = "*" if cfg.outbound_ip_ranges_include.wildcard else joined(cfg.outbound_ip_ranges_include.cidrs)
+    args = [
+        f"--envoy-port={cfg.proxy_port}",
+        f"--inbound-capture-port={cfg.inbound_capture_port}",
+        f"--inbound-tunnel-port={cfg.inbound_tunnel_port}",
+        f"--proxy-uid={joined(cfg.proxy_uids)}",
+        f"--proxy-gid={joined(cfg.proxy_gids)}",
+        f"--istio-inbound-interception-mode={'TPROXY' if cfg.interception_mode is InterceptionMode.TPROXY else 'REDIRECT'}",
+        f"--istio-inbound-ports={inbound}",
+        f"--istio-local-exclude-ports={joined(cfg.inbound_ports_exclude)}",
+        f"--istio-exclude-interfaces={joined(cfg.exclude_interfaces)}",
+        f"--istio-service-cidr={include}",
+        f"--istio-service-exclude-cidr={joined(cfg.outbound_ip_ranges_exclude)}",
+        f"--istio-outbound-ports={joined(cfg.outbound_ports_include)}",
+        f"--istio-local-outbound-ports-exclude={joined(cfg.outbound_ports_exclude)}",
+        f"--kube-virt-interfaces={joined(cfg.kube_virt_interfaces)}",
+        f"--istio-inbound-tproxy-mark={cfg.tproxy_mark}",
+        f"--istio-inbound-tproxy-route-table={cfg.tproxy_route_table}",
+        f"--redirect-dns={str(cfg.redirect_dns).lower()}",
+        f"--capture-all-dns={str(cfg.capture_all_dns).lower()}",
+        f"--dns-servers={joined([*cfg.dns_servers_v4, *cfg.dns_servers_v6])}",
+        f"--drop-invalid={str(cfg.drop_invalid).lower()}",
+        "--enable-ipv6" if cfg.enable_ipv6 else "--no-enable-ipv6",
+    ]
+    groups = cfg.owner_groups
+    env = {
+        "ISTIO_OUTBOUND_OWNER_GROUPS": "*" if groups.except_ else joined(groups.values),
+        "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": joined(groups.values) if groups.except_ else "",
+        "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR": cfg.host_ipv4_loopback_cidr,
+    }
+    return args, env
+
+
+def nft_ruleset(ns: NetNS) -> list[str]:
+    """Our nftables tables as nft prints them, counters zeroed."""
+    import re
+
+    out = ns.run(["nft", "list", "ruleset"]).stdout
+    return [re.sub(r"counter packets \d+ bytes \d+", "counter", ln) for ln in out.splitlines()]
+
+
+@pytest.mark.skipif(not CNI_CASES, reason="../shared/conformance is not present")
+@pytest.mark.parametrize("case", CNI_CASES, ids=[c["name"] for c in CNI_CASES])
+def test_cni_case_with_native_nftables_installs_what_istio_iptables_does(
+    case: dict[str, Any],
+    exe: Path,
+    kubeconfig: Path,
+    api: KubeAPIServer,
+    netns: Callable[..., NetNS],
+    venv_bin: Path,
+    tmp_path: Path,
+) -> None:
+    import ipaddress
+    import os
+
+    from cni.pod import build_config, pod_info
+
+    pod = case["pod"]
+    obj = pod_from_case(pod)
+    api.add_pod(obj)
+    ns = netns("cni-nft")
+    prev = prev_result("1.0.0", netns=ns.path)
+    run = add(exe, ns, netconf(kubeconfig, prev_result=prev, native_nftables=True), pod["namespace"], pod["name"])
+    assert run.code == 0, f"{run.stdout}\n{run.stderr}"
+    assert "nftables" in run.stderr
+    assert not istio_lines(ns) and not istio_lines(ns, "ip6tables-save"), "no iptables rules at all"
+    plugin = nft_ruleset(ns)
+    # The equivalent command line: the Config the plugin builds for this pod, as options. That
+    # it is Istio's configuration for the case is shown by its iptables rules, which must be the
+    # ones Istio's CNI case expects.
+    args, env = cli_args(build_config(pod_info(obj), [ipaddress.ip_address("10.244.1.5")]).config)
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **env}
+    dry = subprocess.run(
+        [str(venv_bin / "istio-iptables"), *args, "--dry-run"], env=env, capture_output=True, text=True, check=True
+    )
+    (tmp_path / "cli.rules").write_text(dry.stdout)
+    r = subprocess.run(
+        [sys.executable, str(CONFORMANCE / "compare.py"), str(CONFORMANCE / case["expected"]["v4"])]
+        + ["--actual-file", str(tmp_path / "cli.rules")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, f"the equivalent options are not Istio's configuration for the case:\n{r.stdout}"
+    other = netns("cli-nft")
+    p = subprocess.run(
+        [str(venv_bin / "istio-iptables"), *args, "--native-nftables", f"--network-namespace={other.path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "table inet istio-proxy-nat {" in plugin and plugin == nft_ruleset(other)

@@ -176,6 +176,30 @@ def test_plugin_accepts_the_entry(node: dict[str, Path]) -> None:
     assert conf.log_file == "/var/log/istio-cni.log"
 
 
+@pytest.mark.parametrize("how", ["env", "flag", "template"])
+def test_native_nftables_is_written_into_the_entry(node: dict[str, Path], how: str) -> None:
+    from cni.plugin import PluginConf
+
+    put(node, "10-flannel.conflist")
+    if how == "env":
+        inst = installer_for(node, NATIVE_NFTABLES="true")
+    elif how == "flag":
+        inst = installer_for(node, "--native-nftables", "true")
+    else:
+        template = '{"type": "istio-cni", "kubernetes": {"kubeconfig": "__KUBECONFIG_FILEPATH__"}}'
+        inst = installer_for(node, NATIVE_NFTABLES="true", CNI_NETWORK_CONFIG=template)
+    inst.reconcile()
+    doc = load(node["net"] / "10-flannel.conflist")
+    entry = ours(doc)[0]
+    assert entry["native_nftables"] is True
+    conf = PluginConf.parse({**entry, "cniVersion": doc["cniVersion"], "name": doc["name"]}, "0.3.1")
+    assert conf.native_nftables is True
+    # Off (the default): the key is not written at all, so existing entries stay as they were.
+    put(node, "10-flannel.conflist")
+    installer_for(node, NATIVE_NFTABLES="false").reconcile()
+    assert "native_nftables" not in ours(load(node["net"] / "10-flannel.conflist"))[0]
+
+
 def test_conf_becomes_a_conflist(node: dict[str, Path]) -> None:
     original = put(node, "10-bridge.conf")
     conf = load(original)
