@@ -390,6 +390,13 @@ def _target(real: RealMachine | None, opts: ApplyOptions) -> Netns | None:
 
 
 def _iptables(cfg: Config, opts: ApplyOptions, real: RealMachine | None = None) -> int:
+    if opts.explain is not None:
+        from .explain_live import run as explain
+
+        return explain(cfg, opts, real)
+    if opts.explain_live or opts.explain_format != "text":
+        _error("--live and --explain-format need --explain PACKET")
+        return 1
     if opts.dry_run and opts.cleanup_only:
         _log.info("dry-run with --cleanup-only: nothing to print, nothing removed")
         return 0
@@ -451,6 +458,9 @@ def _nftables(cfg: Config, opts: ApplyOptions, real: RealMachine | None) -> int:
 
 
 def _clean(cfg: Config, opts: ApplyOptions, real: RealMachine | None = None) -> int:
+    if opts.explain is not None or opts.explain_live or opts.explain_format != "text":
+        _error(f"--explain, --live and --explain-format are options of {PROG_IPTABLES}")
+        return 1
     if opts.dry_run:
         _log.info("running in dry-run mode, no rules removed")
         return 0

@@ -108,6 +108,10 @@ class ApplyOptions(NamedTuple):
     force_apply: bool = False
     native_nftables: bool = False
     force_iptables_binary: str | None = None
+    # --explain PACKET (None: not given), --live, --explain-format: walk a packet instead.
+    explain: str | None = None
+    explain_live: bool = False
+    explain_format: str = "text"
 
 
 # ---------------------------------------------------------------------------------------------

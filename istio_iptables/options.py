@@ -56,6 +56,8 @@ class Kind(Enum):
     ADDRESSES = "ADDRS"
     LOG_LEVELS = "LEVELS"
     TEXT = "TEXT"
+    PACKET = "PACKET"
+    EXPLAIN_FORMAT = "text|json"
 
     @property
     def metavar(self) -> str:
@@ -196,6 +198,16 @@ OPTIONS: tuple[OptionDef, ...] = (
        "empty, resolv.conf is not read.", ours=True, default_doc="from resolv.conf"),
     _o("resolv-conf", None, None, DEFAULT_RESOLV_CONF, Kind.PATH,
        "File the DNS servers are read from.", ours=True),
+    # Additions: explain where a packet goes (docs/explain.md); nothing is applied then.
+    _o("explain", None, None, "", Kind.PACKET,
+       "Print which rules this packet hits and its verdict instead of applying rules: 'out|in tcp|udp "
+       "SRC:PORT -> DST:PORT [uid=N gid=N oif=NAME iif=NAME mark=N]' (see docs/explain.md).",
+       ours=True, default_doc="none"),
+    _o("live", None, None, "false", Kind.BOOL,
+       "With --explain: walk the rules the namespace (--network-namespace) holds, not the planned ones.",
+       ours=True),
+    _o("explain-format", None, None, "text", Kind.EXPLAIN_FORMAT,
+       "With --explain: print the walk as text or as one JSON document.", ours=True),
     # Istio's logging flags (the sidecar injector passes --log_output_level and --log_as_json).
     _o("log_output_level", None, None, "default:info", Kind.LOG_LEVELS,
        "Minimum level of log messages: [scope:]level,... with level debug, info, warn, error, "
@@ -255,6 +267,12 @@ def _text(source: str, s: str) -> str:
     return s
 
 
+def _explain_format(source: str, s: str) -> str:
+    if s.strip() not in ("text", "json"):
+        raise ConfigError(source, s, "expected text or json")
+    return s.strip()
+
+
 _PARSERS: dict[Kind, Callable[[str, str], Any]] = {
     Kind.PORT: c.parse_port,
     Kind.PORT_LIST: c.parse_port_list,
@@ -276,6 +294,8 @@ _PARSERS: dict[Kind, Callable[[str, str], Any]] = {
     Kind.ADDRESSES: c.parse_dns_servers,
     Kind.LOG_LEVELS: parse_log_levels,
     Kind.TEXT: _text,
+    Kind.PACKET: _text,  # read by packet.parse_packet, only when --explain is given
+    Kind.EXPLAIN_FORMAT: _explain_format,
 }
 
 
@@ -350,7 +370,9 @@ def load(
         inc.text, exc.text, include_source=inc.source, exclude_source=exc.source
     )
 
-    # Everything is valid: only now ask the machine.
+    # Everything is valid: only now ask the machine. (--explain --live walks what a namespace
+    # holds: nothing planned from the machine is used then.)
+    live = raw["explain"].explicit and parsed["live"]
     machine = RealMachine() if machine is None else machine
     proxy_uids: tuple[str, ...] = parsed["proxy-uid"] or ()
     if not proxy_uids:
@@ -361,13 +383,13 @@ def load(
     netns = parsed["network-namespace"] or None
     enable_ipv6: bool | None = parsed["enable-ipv6"]
     if enable_ipv6 is None:
-        enable_ipv6 = detect_ipv6(machine.local_addresses(netns), parsed["dual-stack"])
+        enable_ipv6 = False if live else detect_ipv6(machine.local_addresses(netns), parsed["dual-stack"])
 
     redirect_dns: bool = parsed["redirect-dns"]
     capture_all_dns: bool = parsed["capture-all-dns"]
     dns_v4: tuple[Any, ...] = ()
     dns_v6: tuple[Any, ...] = ()
-    if redirect_dns and not capture_all_dns:
+    if redirect_dns and not capture_all_dns and not live:
         if raw["dns-servers"].explicit:
             dns_v4, dns_v6 = parsed["dns-servers"]
         else:
@@ -417,6 +439,9 @@ def load(
         force_apply=parsed["force-apply"],
         native_nftables=parsed["native-nftables"],
         force_iptables_binary=parsed["force-iptables-binary"],
+        explain=raw["explain"].text if raw["explain"].explicit else None,
+        explain_live=parsed["live"],
+        explain_format=parsed["explain-format"],
     )
     return cfg, opts
 

@@ -362,6 +362,9 @@ def test_env_only_settings_and_additions() -> None:
         "enable-ipv6": ("ENABLE_INBOUND_IPV6",),
         "dns-servers": ("DNS_SERVERS",),
         "resolv-conf": (),
+        "explain": (),
+        "live": (),
+        "explain-format": (),
     }
     # Istio's logging flags: the sidecar injector passes them to istio-init.
     assert {"log_output_level", "log_as_json"} <= {o.name for o in options.FLAGS}
@@ -412,6 +415,9 @@ EXPECT = {
     "enable-ipv6": ("true", lambda cfg, o: cfg.enable_ipv6, True),
     "dns-servers": ("8.8.8.8", lambda cfg, o: cfg.dns_servers_v4, ()),  # only with --redirect-dns
     "resolv-conf": ("/tmp/resolv", lambda cfg, o: cfg.dns_servers_v4, ()),
+    "explain": ("in tcp 1.1.1.1:1 -> 10.0.0.5:80", lambda cfg, o: o.explain, "in tcp 1.1.1.1:1 -> 10.0.0.5:80"),
+    "live": ("true", lambda cfg, o: o.explain_live, True),
+    "explain-format": ("json", lambda cfg, o: o.explain_format, "json"),
     "log_output_level": ("debug", lambda cfg, o: o.dry_run, False),
     "log_as_json": ("true", lambda cfg, o: o.dry_run, False),
     "log_target": ("stderr", lambda cfg, o: o.dry_run, False),
