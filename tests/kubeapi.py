@@ -8,13 +8,14 @@ Also builds those Pods from the conformance cases' pod descriptions and writes k
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
 import ssl
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -356,14 +357,19 @@ class KubeAPIServer:
         ctx.load_verify_locations(str(pki.ca_cert))
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
         self._ctx = ctx
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
-        self._httpd.state = self.state
-        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
+        self._httpd = self._listen(0)
+        self._port = int(self._httpd.server_address[1])
         self._thread: threading.Thread | None = None
+
+    def _listen(self, port: int) -> _Server:
+        httpd = _Server(("127.0.0.1", port), _Handler)
+        httpd.state = self.state
+        httpd.socket = self._ctx.wrap_socket(httpd.socket, server_side=True)
+        return httpd
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return self._port
 
     @property
     def url(self) -> str:
@@ -389,10 +395,21 @@ class KubeAPIServer:
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
+            self._httpd.shutdown()
             self._thread.join(timeout=10)
+        self._httpd.server_close()
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The API is unreachable for the block (nothing listens on its port: connection refused),
+        then serves again on the same port with the same pods and token."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self._httpd = self._listen(self._port)
+            self.start()
 
     def __enter__(self) -> KubeAPIServer:
         return self.start()
