@@ -244,9 +244,12 @@ def prev_result(netns_path: str) -> dict[str, Any]:
     }
 
 
-def cni_config(kubeconfig: Path, netns_path: str, *, log_level: str = "info") -> dict[str, Any]:
-    """The plugin's conflist entry as the runtime passes it on ADD (with ``prevResult``)."""
-    return {
+def cni_config(
+    kubeconfig: Path, netns_path: str, *, log_level: str = "info", native_nftables: bool = False
+) -> dict[str, Any]:
+    """The plugin's conflist entry as the runtime passes it on ADD (with ``prevResult``);
+    ``native_nftables`` adds ``"native_nftables": true``."""
+    conf: dict[str, Any] = {
         "cniVersion": "1.0.0",
         "name": "k8s-pod-network",
         "type": "istio-cni",
@@ -259,6 +262,9 @@ def cni_config(kubeconfig: Path, netns_path: str, *, log_level: str = "info") ->
         },
         "prevResult": prev_result(netns_path),
     }
+    if native_nftables:
+        conf["native_nftables"] = True
+    return conf
 
 
 def cni_env(command: str, netns_path: str, pod: str, container_id: str, cni_path: str) -> dict[str, str]:

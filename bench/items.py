@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from istio_iptables.config import CidrSpec, Config, PortSpec
-from istio_iptables.planner import plan
+from istio_iptables.nftables import render_dry_run_nft, render_nft
+from istio_iptables.planner import plan, plan_nft
 from istio_iptables.render import render_dry_run, render_family
 from istio_iptables.ruleset import Ruleset
 
 from . import fixtures, proc, rules
+from .connrate import ConnRate
 from .floor import write_floor
 from .netns import Namespaces
 from .stats import summary
@@ -52,7 +54,10 @@ SCALE_PORTS = 1_000
 TIMEOUT = 60.0
 _IMPORTTIME = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
-ITEMS = ("floor", "cni", "init", "old_way", "concurrency", "scale")
+ITEMS = ("floor", "cni", "init", "old_way", "concurrency", "scale", "nft", "connrate", "nftlib", "cri")
+# The system interpreter, which Debian's python3-nftables is installed for (item nftlib).
+SYSTEM_PYTHON = "/usr/bin/python3"
+NFTLOAD = Path(__file__).resolve().parent / "nftload.py"
 
 
 @dataclass
@@ -94,7 +99,16 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="istio-bench-"))
         self.server: subprocess.Popen[bytes] | None = None
         self.cni_reference: dict[str, Any] | None = None
+        self.cni_nft_reference: list[str] | None = None
+        self.nft_reference: list[str] | None = None
+        self.nftables_site: str | None = None
+        self.connrate: dict[str, Any] | None = None
+        # In-process figures of the nftlib runs (ms, and KiB for the peak RSS), by series.
+        self.nftlib_values: dict[str, list[float]] = {}
+        self._nftlib_runs = 0
         self.zipapp: Path | None = None
+        self.selfcontained: Path | None = None  # the installed launcher of the self-contained plugin
+        self.selfcontained_dir: Path | None = None  # its bin dir (outside work: a short path)
         self.nsexec = repo / "istio_iptables" / "nsexec.py"
         self.mode = "time"
         self._pods = 0
@@ -157,6 +171,19 @@ class Bench:
             self.ns.delete([name])
         self.info["classic_rule_lines"] = rules.rule_count(self.reference)
 
+        # The classic rules for native nftables, as the kernel holds them after a plain nft -f.
+        self.nft_doc = render_nft(plan_nft(CLASSIC).rules)
+        if {"nft", "nftlib"} & set(self.items) and shutil.which("nft"):
+            (name,) = self.ns.create(1)
+            try:
+                r = proc.run(self._nsenter(name, "nft", "-f", "-"), stdin=self.nft_doc.encode())
+                if not r.ok:
+                    raise RuntimeError(f"cannot load the classic nftables rules: {r.describe()}")
+                self.nft_reference = rules.nft_dump(Namespaces.path(name))
+            finally:
+                self.ns.delete([name])
+            self.info["classic_nft_rule_lines"] = rules.nft_rule_count(self.nft_reference)
+
     def teardown(self) -> None:
         proc.kill_all()
         if self.server is not None and self.server.poll() is None:
@@ -168,6 +195,8 @@ class Bench:
                 self.server.wait()
         self.ns.delete_all()
         shutil.rmtree(self.work, ignore_errors=True)
+        if self.selfcontained_dir is not None:
+            shutil.rmtree(self.selfcontained_dir, ignore_errors=True)
 
     # ---------------------------------------------------------------- helpers
 
@@ -205,9 +234,12 @@ class Bench:
         *,
         exe: list[str] | None = None,
         log_level: str = "info",
+        native_nftables: bool = False,
     ) -> proc.Result:
         path = Namespaces.path(name)
-        conf = fixtures.cni_config(self.kubeconfig, path, log_level=log_level)
+        conf = fixtures.cni_config(
+            self.kubeconfig, path, log_level=log_level, native_nftables=native_nftables
+        )
         env = fixtures.cni_env(command, path, pod, cid, self.cni_path)
         argv = exe or [str(self.venv_bin / "istio-cni")]
         return self._run(argv, stdin=json.dumps(conf).encode(), env=env)
@@ -237,19 +269,53 @@ class Bench:
             return "" if rules.has_capture(got) else "the namespace lacks the capture chains in both families"
         return rules.difference(expected, got)
 
+    def _check_nft(self, name: str, expected: list[str] | None) -> str:
+        """'' when the namespace's nf_tables ruleset is ``expected`` (or, with None, holds our nat
+        table); else why not."""
+        try:
+            got = rules.nft_dump(Namespaces.path(name))
+        except RuntimeError as e:
+            return str(e)
+        if expected is None:
+            ours = "table inet istio-proxy-nat {" in got
+            return "" if ours else "the namespace lacks table inet istio-proxy-nat"
+        return rules.nft_difference(expected, got)
+
     def available(self, item: str) -> str:
         """'' when the item can run; otherwise why not."""
-        if item in ("cni", "cni_zipapp", "concurrency", "scale_add"):
+        if item in ("cni", "cni_zipapp", "cni_selfcontained", "concurrency", "scale_add"):
             if importlib.util.find_spec("cni.plugin") is None:
                 return "cni/plugin.py does not exist yet"
             if not (self.venv_bin / "istio-cni").exists():
                 return f"{self.venv_bin / 'istio-cni'} is not installed"
+        if item in ("nft_cni", "nft_init", "nftlib") and not shutil.which("nft"):
+            return "nft (nftables) is not installed"
+        if item == "nft_cni":
+            return self.available("cni")
+        if item == "nft_init":
+            return self.available("init")
+        if item == "nftlib":
+            return self._find_nftables_binding()
         if item == "init":
             for mod in ("istio_iptables.cli", "istio_iptables.apply"):
                 if importlib.util.find_spec(mod) is None:
                     return f"{mod.replace('.', '/')}.py does not exist yet"
             if not (self.venv_bin / "istio-iptables").exists():
                 return f"{self.venv_bin / 'istio-iptables'} is not installed"
+        return ""
+
+    def _find_nftables_binding(self) -> str:
+        """Where the system interpreter finds python3-nftables ('' when found, else why not)."""
+        if self.nftables_site is not None:
+            return ""
+        if not os.access(SYSTEM_PYTHON, os.X_OK):
+            return f"{SYSTEM_PYTHON} does not exist"
+        where = "import nftables, os; print(os.path.dirname(os.path.dirname(nftables.__file__)))"
+        r = proc.run([SYSTEM_PYTHON, "-c", where])
+        if not r.ok:
+            return f"python3-nftables is not installed for {SYSTEM_PYTHON} (apt-get install python3-nftables)"
+        self.nftables_site = r.stdout.decode().strip()
+        self.info["nftables_binding"] = self.nftables_site
         return ""
 
     def build_zipapp(self) -> str:
@@ -271,6 +337,26 @@ class Bench:
         target.chmod(0o755)
         self.zipapp = target
         self.info["zipapp_shebang"] = f"#!{self.python} -S"
+        return ""
+
+    def build_selfcontained(self) -> str:
+        """Builds the self-contained plugin (cni/selfcontained.py) and installs it as install-cni
+        does, into a bin dir short enough for its shebang; '' or why not."""
+        import tempfile
+
+        if shutil.which("patchelf") is None:
+            return "patchelf is not installed (scripts/setup installs it)"
+        from cni import selfcontained
+
+        bin_dir = Path(tempfile.mkdtemp(prefix="bench-cni-", dir="/tmp"))
+        self.selfcontained_dir = bin_dir
+        try:
+            selfcontained.build(bin_dir / "template")
+            version, _ = selfcontained.install(bin_dir / "template", bin_dir, str(bin_dir))
+        except (selfcontained.BuildError, OSError) as e:
+            return f"building the self-contained plugin failed: {e}"
+        self.selfcontained = bin_dir / selfcontained.LAUNCHER
+        self.info["selfcontained_version"] = version
         return ""
 
     # ---------------------------------------------------------------- per-round items
@@ -380,6 +466,16 @@ class Bench:
         why = self._cni_result_ok(r) or self._check_rules(name, self.cni_reference)
         self._record("cni.add_zipapp", r, why)
 
+    def t_cni_selfcontained(self, pool: list[str]) -> None:
+        if self.selfcontained is None:
+            return
+        name = pool.pop()
+        r = self._cni_run(
+            "ADD", name, self._pod("pod-s"), fixtures.container_id(), exe=[str(self.selfcontained)]
+        )
+        why = self._cni_result_ok(r) or self._check_rules(name, self.cni_reference)
+        self._record("cni.add_selfcontained", r, why)
+
     def t_cni_cidrs(self, pool: list[str]) -> None:
         name = pool.pop()
         r = self._cni_run("ADD", name, "pod-cidrs", fixtures.container_id())
@@ -412,6 +508,67 @@ class Bench:
             self.info["init_dry_run_equals_planner"] = r.stdout.decode() == render_dry_run(self.classic)
         self._record("init.dry_run", r, why)
 
+    def t_cni_nft(self, pool: list[str]) -> None:
+        """The ADD of t_cni (the same Pod) with ``"native_nftables": true`` in the conflist entry."""
+        name = pool.pop()
+        r = self._cni_run("ADD", name, self._pod("pod"), fixtures.container_id(), native_nftables=True)
+        why = self._cni_result_ok(r) or self._check_nft(name, self.cni_nft_reference)
+        if not why and self.cni_nft_reference is None:
+            self.cni_nft_reference = rules.nft_dump(Namespaces.path(name))
+            foreign = [
+                t for t in self.cni_nft_reference if t.startswith("table ") and " istio-proxy-" not in t
+            ]
+            if foreign:
+                self.cni_nft_reference = None
+                why = f"the ADD with native_nftables left other tables too: {', '.join(foreign)}"
+        if not why and self.cni_nft_reference is not None and "cni_nft_rule_lines" not in self.info:
+            self.info["cni_nft_rule_lines"] = rules.nft_rule_count(self.cni_nft_reference)
+            self.info["cni_nft_rules_equal_classic"] = self.cni_nft_reference == self.nft_reference
+            self.info["cni_nft_vs_classic"] = rules.nft_difference(
+                self.nft_reference or [], self.cni_nft_reference
+            )
+        self._record("nft.cni_add", r, why)
+
+    def t_init_nft(self, pool: list[str]) -> None:
+        """The init container's apply and dry run of t_init with ``--native-nftables``."""
+        name = pool.pop()
+        exe = str(self.venv_bin / "istio-iptables")
+        r = self._run([exe, *INIT_ARGS, "--native-nftables", "--network-namespace", Namespaces.path(name)])
+        self._record("nft.init_apply", r, "" if not r.ok else self._check_nft(name, self.nft_reference))
+        r = self._run([exe, *INIT_ARGS, "--native-nftables", "--dry-run"])
+        why = "" if not r.ok or r.stdout.startswith(b"# nft -f\n") else "the dry run printed no nft script"
+        if self.mode == "warmup" and r.ok:
+            self.info["init_nft_dry_run_equals_planner"] = r.stdout.decode() == render_dry_run_nft(
+                plan_nft(CLASSIC).rules
+            )
+        self._record("nft.init_dry_run", r, why)
+
+    def t_nftlib(self, pool: list[str]) -> None:
+        """The classic nftables rules loaded into a fresh namespace by a fresh system-Python
+        process (``python3 -S``, entered with nsenter), by spawning ``nft -f -`` or through
+        libnftables (python3-nftables); beside them the interpreter's start and nft alone. The two
+        ways take turns going first."""
+        assert self.nftables_site is not None
+        py = [SYSTEM_PYTHON, "-S"]
+        doc = self.nft_doc.encode()
+        self._record("nftlib.python_S", self._run(self._nsenter(pool[-1], *py, "-c", "pass")))
+        ways: list[tuple[str, list[str]]] = [("binary", []), ("library", [self.nftables_site])]
+        self._nftlib_runs += 1
+        for mode, extra in ways if self._nftlib_runs % 2 else ways[::-1]:
+            name = pool.pop()
+            r = self._run(self._nsenter(name, *py, str(NFTLOAD), mode, *extra), stdin=doc)
+            why = "" if not r.ok else self._check_nft(name, self.nft_reference)
+            self._record(f"nftlib.{mode}", r, why)
+            if self.mode == "time" and not why:
+                for line in r.stderr.decode().splitlines():
+                    if line.startswith("nftload-timings "):
+                        for kv in line.split()[1:]:
+                            k, _, v = kv.partition("=")
+                            self.nftlib_values.setdefault(f"{mode}.{k}", []).append(float(v))
+        name = pool.pop()
+        r = self._run(self._nsenter(name, "nft", "-f", "-"), stdin=doc)
+        self._record("nftlib.nft", r, "" if not r.ok else self._check_nft(name, self.nft_reference))
+
     def t_old_way(self, pool: list[str]) -> None:
         name = pool.pop()
         r = self._run(self._nsenter(name, "sh", str(self.old_way_script)))
@@ -420,39 +577,53 @@ class Bench:
     def rounds(self, log: Callable[[str], None]) -> None:
         """One warm-up round (not recorded; it also proves each item works), ``reps`` timed rounds,
         then a few rounds under the RSS wrapper."""
-        tasks: list[tuple[str, Callable[[list[str]], None]]] = []
+        # (status key, task, namespaces it takes from the round's pool)
+        tasks: list[tuple[str, Callable[[list[str]], None], int]] = []
+        nft = "nft" in self.items
         if "floor" in self.items:
-            tasks += [("floor", self.t_floor), ("floor", self.t_pieces), ("floor", self.t_spawns)]
-        if "cni" in self.items or "concurrency" in self.items:
-            tasks.append(("cni", self.t_cni))
+            tasks += [("floor", self.t_floor, 1), ("floor", self.t_pieces, 1), ("floor", self.t_spawns, 0)]
+        if "cni" in self.items or "concurrency" in self.items or nft:
+            tasks.append(("cni", self.t_cni, 1))
+        if nft:
+            tasks.append(("nft_cni", self.t_cni_nft, 1))
         if "cni" in self.items:
-            tasks.append(("cni_zipapp", self.t_cni_zipapp))
-        if "init" in self.items:
-            tasks.append(("init", self.t_init))
+            tasks.append(("cni_zipapp", self.t_cni_zipapp, 1))
+            tasks.append(("cni_selfcontained", self.t_cni_selfcontained, 1))
+        if "init" in self.items or nft:
+            tasks.append(("init", self.t_init, 1))
+        if nft:
+            tasks.append(("nft_init", self.t_init_nft, 1))
         if "old_way" in self.items:
-            tasks.append(("old_way", self.t_old_way))
+            tasks.append(("old_way", self.t_old_way, 1))
         if "scale" in self.items:
-            tasks.append(("scale_add", self.t_cni_cidrs))
+            tasks.append(("scale_add", self.t_cni_cidrs, 1))
+        if "nftlib" in self.items:
+            tasks.append(("nftlib", self.t_nftlib, 3))
         live: list[tuple[str, Callable[[list[str]], None]]] = []
-        for item, task in tasks:
+        pool_size = 1  # one more than the tasks take: t_pieces and t_spawns use the last one
+        for item, task, needs in tasks:
             why = self.available(item)
             if why:
                 self.status.setdefault(item, {"status": "unavailable", "reason": why})
                 continue
             live.append((item, task))
+            pool_size += needs
         if any(item == "cni_zipapp" for item, _ in live):
             why = self.build_zipapp()
             if why:
                 self.info["zipapp_unavailable"] = why
+        if any(item == "cni_selfcontained" for item, _ in live):
+            why = self.build_selfcontained()
+            if why:
+                self.info["selfcontained_unavailable"] = why
         rss_rounds = 0 if not self.rss_wrapper else (1 if self.quick else 3)
         plan_ = ["warmup"] + ["time"] * self.reps + ["rss"] * rss_rounds
         for i, mode in enumerate(plan_):
             self.mode = mode
-            names = self.ns.create(8)
+            names = self.ns.create(pool_size)
             pool = list(names)  # the tasks take namespaces from this copy
             try:
-                k = i % len(live) if live else 0
-                for item, task in live[k:] + live[:k]:
+                for item, task in _order(live, i):
                     if self.status.get(item, {}).get("status") == "failed":
                         continue
                     try:
@@ -523,6 +694,23 @@ class Bench:
             "cores": os.cpu_count(),
             "cpu_bound_wall_ms": round(n * statistics.median(cpu) * 1000 / (os.cpu_count() or 1), 1),
         }
+
+    # ---------------------------------------------------------------- connection rate
+
+    def connrate_item(self, log: Callable[[str], None]) -> None:
+        needed = ("nft", "iptables-nft-restore", "ip6tables-nft-restore", "iptables-nft-save", "sysctl")
+        missing = [c for c in needed if not shutil.which(c)]
+        if missing:
+            self.connrate = {"status": "unavailable", "reason": f"not installed: {', '.join(missing)}"}
+            return
+        cr = ConnRate(CLASSIC, self.ns, self.python, seconds_per_point=1.0 if self.quick else 2.0)
+        try:
+            log("connection rate: loading the rules into 6 namespaces")
+            cr.setup()
+            cr.run(log)
+        finally:
+            cr.teardown()
+        self.connrate = cr.result()
 
     # ---------------------------------------------------------------- scale: planning
 
@@ -729,6 +917,27 @@ class Bench:
         return [line for line in lines if re.search(r"\d(\.\d+)?\s?(ms|s)\b", line)][:20]
 
 
+# Tasks measured against each other: in every other round the second of a pair goes first.
+_PAIRS = {"nft_cni": "cni", "nft_init": "init"}
+_Task = tuple[str, Callable[[list[str]], None]]
+
+
+def _order(live: list[_Task], i: int) -> list[_Task]:
+    """Round ``i``'s order: the tasks rotated by ``i``; paired tasks next to each other, their
+    order alternating from round to round."""
+    k = i % len(live) if live else 0
+    order = live[k:] + live[:k]
+    for second, first in _PAIRS.items():
+        a = next((t for t in order if t[0] == first), None)
+        b = next((t for t in order if t[0] == second), None)
+        if a is None or b is None:
+            continue
+        order.remove(b)
+        at = order.index(a)
+        order.insert(at if i % 2 else at + 1, b)
+    return order
+
+
 def _exec_program(line: str) -> str:
     """``python nsexec.py`` / ``iptables-nft-save`` / ... for a successful execve line of strace."""
     m = re.match(r'execve\("([^"]+)", \[(.*?)\]', line)
@@ -766,6 +975,15 @@ def _import_totals(stderr: str) -> dict[str, float]:
     return totals
 
 
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (something else running shows here)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -775,10 +993,16 @@ def machine() -> dict[str, Any]:
                 break
     ipt = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False).stdout.strip()
     return {
+        "load_average_at_start": load_average(),
         "kernel": os.uname().release,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
         "iptables": ipt,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nft": subprocess.run(
+            ["nft", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        if shutil.which("nft")
+        else None,
     }

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import report
-from .items import ITEMS, Bench, machine
+from . import cri, report
+from .items import ITEMS, Bench, load_average, machine
 
 
 def _log(msg: str) -> None:
@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
         bench.rounds(_log)
         if "concurrency" in args.items:
             bench.concurrency_item(_log)
+        if "connrate" in args.items:
+            bench.connrate_item(_log)
+        if "cri" in args.items:
+            bench.status["cri"] = cri.cri_item(bench, _log)
         planning = None
         if "scale" in args.items:
             planning = bench.planning_item()
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
             bench.teardown()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    bench.info["machine"]["load_average_at_end"] = load_average()
     doc = report.build(bench, planning, prof)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .items import CIDR_COUNT, SCALE_CIDRS, SCALE_PORTS, Bench
+from .connrate import CIDR_COUNTS
+from .cri import lines as cri_lines
+from .items import CIDR_COUNT, SCALE_CIDRS, SCALE_PORTS, SYSTEM_PYTHON, Bench
 
 ADD_VS_FLOOR = 1.25
 ADD_RSS_MIB = 40.0
 INIT_VS_PIECES = 1.5
 CONCURRENT_SHARE = 0.6
 PLANNING_MS = 250.0
+# Native nftables with sets: the connection rate at the most excluded CIDRs, as a share of at none.
+CONNRATE_SHARE = 0.9
 
 
 def _group_status(bench: Bench, group: str, series: list[str]) -> dict[str, Any]:
@@ -67,6 +71,16 @@ def build(bench: Bench, planning: dict[str, Any] | None, breakdown: dict[str, An
         else:
             items["cni"]["add_zipapp"] = None
             items["cni"]["zipapp_unavailable"] = bench.info.get("zipapp_unavailable", "not built")
+        sst = bench.status.get("cni_selfcontained")
+        items["cni"]["add_selfcontained"] = s.get("cni.add_selfcontained")
+        items["cni"]["selfcontained_version"] = bench.info.get("selfcontained_version")
+        sfail = (
+            (sst or {}).get("reason")
+            or next(iter((s.get("cni.add_selfcontained") or {}).get("failure_reasons", [])), "")
+            or bench.info.get("selfcontained_unavailable", "")
+        )
+        if sfail:
+            items["cni"]["selfcontained_failure"] = sfail
         for k in ("cni_rule_lines", "cni_rules_equal_classic", "cni_vs_classic"):
             if k in bench.info:
                 items["cni"][k] = bench.info[k]
@@ -90,6 +104,14 @@ def build(bench: Bench, planning: dict[str, Any] | None, breakdown: dict[str, An
             "add_cidrs": s.get("scale.add_cidrs"),
             "add_cidrs_count": CIDR_COUNT,
         }
+    if "nft" in bench.items:
+        items["nft"] = _nft_item(bench, s)
+    if "connrate" in bench.items:
+        items["connrate"] = bench.connrate or {"status": "not run"}
+    if "nftlib" in bench.items:
+        items["nftlib"] = _nftlib_item(bench, s)
+    if "cri" in bench.items:
+        items["cri"] = bench.status.get("cri", {"status": "not run"})
     doc: dict[str, Any] = {
         "machine": bench.info.get("machine"),
         "params": {"reps": bench.reps, "concurrency": bench.concurrency, "quick": bench.quick},
@@ -109,17 +131,99 @@ def build(bench: Bench, planning: dict[str, Any] | None, breakdown: dict[str, An
     return doc
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(a / b, 3)
+
+
+def _nft_item(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:
+    """The CNI ADD and the init container with native nftables, beside their iptables runs."""
+    item = _group_status(bench, "nft_cni", ["nft.cni_add"])
+    init = _group_status(bench, "nft_init", ["nft.init_apply", "nft.init_dry_run"])
+    if item["status"] == "ok" and init["status"] != "ok":
+        item = init
+
+    def med(key: str) -> float | None:
+        return (s.get(key) or {}).get("median_ms")
+
+    item.update(
+        cni_add=s.get("nft.cni_add"),
+        cni_add_iptables=s.get("cni.add"),
+        cni_add_vs_iptables=_ratio(med("nft.cni_add"), med("cni.add")),
+        init_apply=s.get("nft.init_apply"),
+        init_apply_iptables=s.get("init.apply"),
+        init_apply_vs_iptables=_ratio(med("nft.init_apply"), med("init.apply")),
+        init_dry_run=s.get("nft.init_dry_run"),
+    )
+    infos = ("classic_nft_rule_lines", "cni_nft_rule_lines", "cni_nft_rules_equal_classic",
+             "cni_nft_vs_classic", "init_nft_dry_run_equals_planner")  # fmt: skip
+    for k in infos:
+        if k in bench.info:
+            item[k] = bench.info[k]
+    return item
+
+
+def _nftlib_item(bench: Bench, s: dict[str, Any]) -> dict[str, Any]:
+    """nft -f - against libnftables, and which is cheaper."""
+    item = _group_status(bench, "nftlib", ["nftlib.binary", "nftlib.library", "nftlib.nft"])
+    in_process = {k: round(statistics.median(v), 3) for k, v in sorted(bench.nftlib_values.items())}
+    item.update(
+        interpreter=f"{SYSTEM_PYTHON} -S",
+        binding=bench.info.get("nftables_binding"),
+        python_S=s.get("nftlib.python_S"),
+        binary=s.get("nftlib.binary"),
+        library=s.get("nftlib.library"),
+        nft_alone=s.get("nftlib.nft"),
+        in_process_median=in_process,
+    )
+    b, lib = s.get("nftlib.binary") or {}, s.get("nftlib.library") or {}
+    if "median_ms" in b and "median_ms" in lib:
+        cheaper = "binary" if b["median_ms"] <= lib["median_ms"] else "library"
+        item["time_cheaper"] = cheaper
+        item["library_vs_binary"] = _ratio(lib["median_ms"], b["median_ms"])
+        item["difference_ms"] = round(abs(lib["median_ms"] - b["median_ms"]), 2)
+    # Memory held at once: the library is one process; the binary variant holds the interpreter
+    # and nft together while nft runs.
+    own_b, own_lib = in_process.get("binary.hwm_kib"), in_process.get("library.hwm_kib")
+    nft_rss = (s.get("nftlib.nft") or {}).get("peak_rss_mib")
+    if own_b is not None and own_lib is not None and nft_rss is not None:
+        item["held_at_once_mib"] = {
+            "binary": round(own_b / 1024 + nft_rss, 1),
+            "binary_python": round(own_b / 1024, 1),
+            "binary_nft": nft_rss,
+            "library": round(own_lib / 1024, 1),
+        }
+        item["memory_cheaper"] = (
+            "binary"
+            if item["held_at_once_mib"]["binary"] <= item["held_at_once_mib"]["library"]
+            else "library"
+        )
+    return item
+
+
 def _target(
-    name: str, value: float | None, limit: float | None, unit: str, extra: bool = True
+    name: str,
+    value: float | None,
+    limit: float | None,
+    unit: str,
+    extra: bool = True,
+    *,
+    at_least: bool = False,
 ) -> dict[str, Any]:
-    ok = None if value is None or limit is None else (value <= limit and extra)
-    return {
+    """PASS when value <= limit (value >= limit with ``at_least``) and ``extra`` holds."""
+    if value is None or limit is None:
+        ok = None
+    else:
+        ok = (value >= limit if at_least else value <= limit) and extra
+    out = {
         "target": name,
         "value": None if value is None else round(value, 2),
         "limit": None if limit is None else round(limit, 2),
         "unit": unit,
         "result": "n/a" if ok is None else ("PASS" if ok else "FAIL"),
     }
+    if at_least:
+        out["at_least"] = True
+    return out
 
 
 def _targets(bench: Bench, planning: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -134,6 +238,13 @@ def _targets(bench: Bench, planning: dict[str, Any] | None) -> list[dict[str, An
     init_limit = INIT_VS_PIECES * sum(p for p in pieces if p is not None) if None not in pieces else None
     conc = bench.status.get("concurrency", {})
     n = bench.concurrency
+    rates = {
+        (p["backend"], p["excluded_cidrs"]): p.get("conn_per_s")
+        for p in (bench.connrate or {}).get("points", [])
+        if p.get("status") == "ok"
+    }
+    most = max(CIDR_COUNTS)
+    nft_zero = rates.get(("nftables", 0))
     return [
         _target(
             f"CNI ADD median <= {ADD_VS_FLOOR} x floor",
@@ -142,6 +253,18 @@ def _targets(bench: Bench, planning: dict[str, Any] | None) -> list[dict[str, An
             "ms",
         ),
         _target(f"CNI ADD peak RSS <= {ADD_RSS_MIB:g} MiB", rss, ADD_RSS_MIB, "MiB"),
+        _target(
+            f"self-contained plugin ADD median <= {ADD_VS_FLOOR} x floor",
+            med("cni.add_selfcontained"),
+            None if floor is None else ADD_VS_FLOOR * floor,
+            "ms",
+        ),
+        _target(
+            "self-contained plugin ADD median <= zipapp ADD median (same run)",
+            med("cni.add_selfcontained"),
+            med("cni.add_zipapp"),
+            "ms",
+        ),
         _target(
             f"init apply median <= {INIT_VS_PIECES} x (python -S start + both restores)",
             med("init.apply"),
@@ -160,6 +283,19 @@ def _targets(bench: Bench, planning: dict[str, Any] | None) -> list[dict[str, An
             None if planning is None else planning.get("median_ms"),
             PLANNING_MS,
             "ms",
+        ),
+        _target(
+            "CNI ADD with native_nftables median <= iptables ADD median (same run)",
+            med("nft.cni_add"),
+            add,
+            "ms",
+        ),  # fmt: skip
+        _target(
+            f"nftables sets: conn/s at {most:,} excluded CIDRs >= {CONNRATE_SHARE:.0%} of at 0",
+            rates.get(("nftables", most)),
+            None if nft_zero is None else CONNRATE_SHARE * nft_zero,
+            "conn/s",
+            at_least=True,
         ),
     ]
 
@@ -293,14 +429,119 @@ def _status_line(item: dict[str, Any]) -> str:
     return f"  ({item['status']}: {item.get('reason', '')})"
 
 
+def _versus(ratio: float | None, what: str, other: dict[str, Any] | None) -> str:
+    if ratio is None or not other:
+        return ""
+    return f"{ratio:.2f} x {what} ({other['median_ms']:.1f} ms)"
+
+
+def _nft_lines(n: dict[str, Any]) -> list[str]:
+    out = ["7. native nftables (interleaved with the iptables runs of 2. and 3.)" + _status_line(n)]
+    add_vs = _versus(n.get("cni_add_vs_iptables"), "iptables ADD", n.get("cni_add_iptables"))
+    init_vs = _versus(n.get("init_apply_vs_iptables"), "iptables apply", n.get("init_apply_iptables"))
+    out.append(_row('CNI ADD, "native_nftables": true', n.get("cni_add"), add_vs))
+    out.append(_row("init apply --native-nftables", n.get("init_apply"), init_vs))
+    out.append(_row("--native-nftables --dry-run", n.get("init_dry_run")))
+    if "cni_nft_rule_lines" in n:
+        out.append(
+            f"  rules: the ADD leaves {n['cni_nft_rule_lines']} nft rule lines (the classic rules: "
+            f"{n.get('classic_nft_rule_lines')}, as the init apply leaves them); "
+            f"dry run = planner: {n.get('init_nft_dry_run_equals_planner')}"
+        )
+    return out
+
+
+def _connrate_lines(c: dict[str, Any]) -> list[str]:
+    m = c.get("method", {})
+    out = [
+        "8. connection rate: new TCP connections/s from the pod through nat OUTPUT to the redirect"
+        + _status_line(c)
+    ]
+    if not c.get("points"):
+        return out
+    out.append(
+        f"   ({m.get('slices_per_point')} x {m.get('slice_seconds')} s per point, interleaved; "
+        f"destination {m.get('destination')}, excluded: {m.get('cidrs')})"
+    )
+    out.append(
+        f"  {'backend':<16} {'excluded':>9} {'rules':>7} {'conn/s':>9} {'vs 0':>6} {'us/conn':>8} "
+        f"{'load ms':>8} {'slowest':>8} {'conntrack':>10}"
+    )
+    for p in c["points"]:
+        name = "iptables-nft" if p["backend"] == "iptables" else "nftables (sets)"
+        if p.get("status") != "ok" or "conn_per_s" not in p:
+            out.append(f"  {name:<16} {p['excluded_cidrs']:>9,} FAILED: {p.get('reason', '')[:200]}")
+            continue
+        out.append(
+            f"  {name:<16} {p['excluded_cidrs']:>9,} {p['rule_lines']:>7,} {p['conn_per_s']:>9,.0f} "
+            f"{p.get('vs_zero', 0):>6.2f} {p['us_per_connection']:>8.1f} {p['load_ms']:>8.1f} "
+            f"{p['slowest_connect_ms']:>6.1f}ms {p['max_conntrack_entries']:>10,}"
+        )
+    pts = [p for p in c["points"] if "max_conntrack_entries" in p]
+    if pts:
+        worst = max(p["max_conntrack_entries"] for p in pts)
+        drops = sum(p.get(k, 0) for p in pts for k in ("conntrack_insert_failed", "conntrack_drop",
+                                                          "conntrack_early_drop"))  # fmt: skip
+        tw = max(p.get("max_time_wait", 0) for p in pts)
+        ctmax = m.get("nf_conntrack_max")
+        out.append(
+            f"  conntrack: at most {worst:,} entries in a namespace (nf_conntrack_max "
+            f"{ctmax:,}), {drops} insert failures or drops; TIME_WAIT sockets: at most {tw}; "
+            "redirect counter = connections"
+            if ctmax
+            else f"  conntrack: at most {worst:,} entries in a namespace, {drops} insert failures or drops"
+        )
+    return out
+
+
+def _nftlib_lines(n: dict[str, Any]) -> list[str]:
+    out = [
+        f"9. nft -f - against libnftables (python3-nftables): the classic rules from {n.get('interpreter')}"
+        + _status_line(n)
+    ]
+    out.append(_row("python3 -S -c pass (via nsenter)", n.get("python_S")))
+    out.append(_row("binary: spawn nft -f -, write the script", n.get("binary")))
+    out.append(_row("library: import nftables, Nftables().cmd()", n.get("library")))
+    out.append(_row("nft -f - alone (via nsenter)", n.get("nft_alone")))
+    ip = n.get("in_process_median", {})
+    if ip:
+        mib = {k: ip.get(f"{k}.hwm_kib", 0) / 1024 for k in ("binary", "library")}
+        out.append(
+            f"  in the process (medians): binary: nft {ip.get('binary.load_ms', 0):.1f} ms, own peak RSS "
+            f"{mib['binary']:.1f} MiB; library: import {ip.get('library.import_ms', 0):.1f} ms, "
+            f"Nftables() {ip.get('library.context_ms', 0):.1f} ms, "
+            f"cmd {ip.get('library.load_ms', 0):.1f} ms, own peak RSS {mib['library']:.1f} MiB"
+        )
+    if "time_cheaper" in n:
+        held = n.get("held_at_once_mib")
+        mem = ""
+        if held:
+            mem = (
+                f"; memory held at once: binary {held['binary']:.1f} MiB (python {held['binary_python']:.1f} "
+                f"+ nft {held['binary_nft']:.1f}), library {held['library']:.1f} MiB: "
+                f"the {n['memory_cheaper']} is smaller"
+            )
+        out.append(
+            f"  cheaper in time: the {n['time_cheaper']}, by {n['difference_ms']:.1f} ms "
+            f"(library = {n['library_vs_binary']:.2f} x binary){mem}"
+        )
+    return out
+
+
+def _load(avg: list[float] | None) -> str:
+    return "n/a" if not avg else "/".join(f"{v:.2f}" for v in avg)
+
+
 def table(doc: dict[str, Any]) -> str:
     m = doc.get("machine") or {}
     p = doc["params"]
     out = [
         f"machine: {m.get('cpu')}, {m.get('cores')} cores, kernel {m.get('kernel')}, "
-        f"Python {m.get('python')}, {m.get('iptables')}",
+        f"Python {m.get('python')}, {m.get('iptables')}, {m.get('nft')}",
         f"reps {p['reps']}, concurrency {p['concurrency']}{', quick' if p['quick'] else ''}; "
-        f"classic rules: {doc.get('classic_rule_lines')} rule lines (both families)",
+        f"classic rules: {doc.get('classic_rule_lines')} rule lines (both families); "
+        f"load average {_load(m.get('load_average_at_start'))} at the start, "
+        f"{_load(m.get('load_average_at_end'))} at the end",
         "",
         f"  {'item':<46} {'n':>4} {'median ms':>9} {'p95 ms':>9} {'RSS MiB':>9}",
     ]
@@ -331,6 +572,10 @@ def table(doc: dict[str, Any]) -> str:
             out.append(f"  {'ADD, install-cni zipapp':<46} FAILED: {c['zipapp_failure'][:300]}")
         elif c.get("add_zipapp"):
             out.append(_row("ADD, install-cni zipapp (python -S)", c["add_zipapp"]))
+        if c.get("add_selfcontained"):
+            out.append(_row("ADD, self-contained plugin (install-cni's)", c["add_selfcontained"]))
+        elif c.get("selfcontained_failure"):
+            out.append(f"  {'ADD, self-contained plugin':<46} n/a: {c['selfcontained_failure'][:300]}")
         else:
             out.append(f"  {'ADD, install-cni zipapp':<46} n/a: {c.get('zipapp_unavailable')}")
     if "init" in items:
@@ -371,11 +616,21 @@ def table(doc: dict[str, Any]) -> str:
             if "parse" in pl:
                 out.append(_row("parse the same from option strings", pl["parse"], "in-process"))
         out.append(_row(f"ADD with {CIDR_COUNT:,} excluded CIDRs (annotation)", sc.get("add_cidrs")))
+    if "nft" in items:
+        out += _nft_lines(items["nft"])
+    if "connrate" in items:
+        out += _connrate_lines(items["connrate"])
+    if "nftlib" in items:
+        out += _nftlib_lines(items["nftlib"])
+    if "cri" in items:
+        out += cri_lines(items["cri"], _row, _status_line(items["cri"]))
     out += ["", "targets"]
     for t in doc["targets"]:
-        val = "n/a" if t["value"] is None else f"{t['value']:.1f} {t['unit']}"
-        lim = "n/a" if t["limit"] is None else f"{t['limit']:.1f} {t['unit']}"
-        out.append(f"  {t['result']:<5} {t['target']:<70} {val:>12} (limit {lim})")
+        fmt = ",.0f" if t["unit"] == "conn/s" else ".1f"
+        val = "n/a" if t["value"] is None else f"{t['value']:{fmt}} {t['unit']}"
+        lim = "n/a" if t["limit"] is None else f"{t['limit']:{fmt}} {t['unit']}"
+        bound = "at least" if t.get("at_least") else "limit"
+        out.append(f"  {t['result']:<5} {t['target']:<70} {val:>12} ({bound} {lim})")
     b = doc.get("breakdown") or {}
     prof = b.get("profile", {})
     for key, title, p in (("add", "CNI ADD", prof), ("init", "init apply", prof.get("init", {}))):

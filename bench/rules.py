@@ -1,5 +1,6 @@
 """What the kernel holds after a run: iptables-save of both families in a namespace, reduced to
-tables, our chains and rule lines (no counters), so two namespaces can be compared exactly."""
+tables, our chains and rule lines (no counters), so two namespaces can be compared exactly; and
+for native nftables, the ruleset as ``nft -s list ruleset`` prints it."""
 
 from __future__ import annotations
 
@@ -71,3 +72,28 @@ def difference(expected: dict[str, Any], actual: dict[str, Any]) -> str:
                     + ("" if missing or extra else ", different order or chains")
                 )
     return "; ".join(notes[:3])
+
+
+def nft_dump(netns_path: str) -> list[str]:
+    """The namespace's whole nf_tables ruleset (``nft -s list ruleset``: no counter values), one
+    stripped line each. iptables-nft's tables show up here too."""
+    r = proc.run(["nsenter", f"--net={netns_path}", "--", "nft", "-s", "list", "ruleset"], timeout=30)
+    if not r.ok:
+        raise RuntimeError(r.describe())
+    return [line.strip() for line in r.stdout.decode().splitlines() if line.strip()]
+
+
+def nft_rule_count(lines: list[str]) -> int:
+    """Rule lines in an ``nft_dump`` (not tables, chains, their types or braces)."""
+    skip = ("table ", "chain ", "type ", "}")
+    return sum(1 for line in lines if not line.startswith(skip))
+
+
+def nft_difference(expected: list[str], actual: list[str]) -> str:
+    """Empty when equal; otherwise the first line that differs."""
+    if expected == actual:
+        return ""
+    for i, (e, a) in enumerate(zip(expected, actual, strict=False)):
+        if e != a:
+            return f"nft ruleset line {i + 1}: {a!r}, expected {e!r}"
+    return f"nft ruleset: {len(actual)} lines, expected {len(expected)}"

@@ -1,7 +1,6 @@
 """Builds the ``istio-cni`` executable that the container runtime runs on the node, where this
 package's virtualenv does not exist: a zipapp of the ``cni`` and ``istio_iptables`` packages
-(plus pyroute2's pure-Python package when it is importable, for TPROXY routes) behind a shebang
-naming the node's Python. ``python -m cni.bundle OUT`` writes one.
+behind a shebang naming the node's Python. ``python -m cni.bundle OUT`` writes one.
 
 PyYAML's pure-Python package goes in too, when importable: the plugin reads most kubeconfigs
 without it, but one outside the plain YAML its own reader handles (comments are fine; flow
@@ -26,7 +25,7 @@ from pathlib import Path
 
 DEFAULT_INTERPRETER = "/usr/bin/python3 -S"
 PACKAGES = ("cni", "istio_iptables")
-VENDORED = ("pyroute2", "yaml")
+VENDORED = ("yaml",)
 ENTRY_POINT = "cni.plugin:main"
 
 _FIXED_DATE = (2000, 1, 1, 0, 0, 0)
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-vendor",
         action="store_true",
-        help="leave pyroute2 (TPROXY routes) and PyYAML (kubeconfigs beyond plain YAML) out",
+        help="leave PyYAML (kubeconfigs beyond plain YAML) out",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s\t%(message)s", stream=sys.stderr)

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import socketserver
 import stat
 import sys
 import threading
@@ -40,6 +41,8 @@ STANDALONE_VERSION = "0.3.1"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 _TRUE = {"1", "true", "yes", "on", "y"}
+# Seconds a plugin run needs at most from the exec of the launcher to its version's lock.
+SWITCH_GRACE = 30.0
 _FALSE = {"0", "false", "no", "off", "n", ""}
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
@@ -63,7 +66,10 @@ class Settings:
     host_bin_dir: str  # the node's CNI bin dir (written into the entry)
     conf_name: str = ""
     chained: bool = True
-    interpreter: str = "/usr/bin/python3 -S"
+    # "": the self-contained plugin from plugin_template; a path: a zipapp run by the node's Python.
+    interpreter: str = ""
+    plugin_template: Path = Path("/opt/istio-cni/plugin")
+    host_bin_dirs: tuple[str, ...] = ()  # each bin dir as the node sees it (bin_dirs' order)
     network_config: str = ""  # an entry template (Istio's CNI_NETWORK_CONFIG placeholders)
     log_level: str = "info"
     plugin_log_file: str = ""
@@ -134,6 +140,24 @@ def _mode(source: str, value: str) -> int:
     return mode
 
 
+def _bin_dirs(mounted: Sequence[str], host_bin_dir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The bin dirs to write into and each one as the node sees it: ``MOUNTED=NODE``, or for the
+    first the node's CNI_BIN_DIR and for the others the path without the DaemonSet's ``/host``."""
+    paths: list[str] = []
+    nodes: list[str] = []
+    for i, entry in enumerate(mounted):
+        path, sep, node = entry.partition("=")
+        if not sep:
+            node = host_bin_dir if i == 0 else (path[len("/host") :] if path.startswith("/host/") else path)
+        if not path.startswith("/") or not node.startswith("/"):
+            raise SettingsError(
+                f"MOUNTED_CNI_BIN_DIRS: {entry!r} is not an absolute path (or PATH=NODE_PATH)"
+            )
+        paths.append(path)
+        nodes.append(node)
+    return tuple(paths), tuple(nodes)
+
+
 def _server_url(environ: Mapping[str, str]) -> str:
     host = environ.get("KUBERNETES_SERVICE_HOST", "").strip()
     port = environ.get("KUBERNETES_SERVICE_PORT", "").strip()
@@ -195,8 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--plugin-interpreter",
-        help="the node's Python for the executable's shebang [PLUGIN_INTERPRETER] "
-        "(default '/usr/bin/python3 -S')",
+        help="install a zipapp run by this Python of the node's (e.g. '/usr/bin/python3 -S') instead "
+        "of the self-contained plugin [PLUGIN_INTERPRETER] (default: unset, self-contained)",
+    )
+    a(
+        "--plugin-template",
+        help="the built self-contained plugin (scripts/build-plugin --template) [PLUGIN_TEMPLATE] "
+        "(default /opt/istio-cni/plugin, where the installer image has it)",
     )
     a("--cni-network-config", help="JSON template of the entry [CNI_NETWORK_CONFIG]")
     a(
@@ -263,9 +292,10 @@ def parse_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
     net_dir = get("mounted_cni_net_dir", "MOUNTED_CNI_NET_DIR", host_net_dir)[1]
     host_bin_dir = get("cni_bin_dir", "CNI_BIN_DIR", "/opt/cni/bin")[1]
     if args.mounted_cni_bin_dir:
-        bin_dirs = tuple(args.mounted_cni_bin_dir)
+        mounted = tuple(args.mounted_cni_bin_dir)
     else:
-        bin_dirs = _list(environ.get("MOUNTED_CNI_BIN_DIRS", "")) or (host_bin_dir,)
+        mounted = _list(environ.get("MOUNTED_CNI_BIN_DIRS", "")) or (host_bin_dir,)
+    bin_dirs, host_bin_dirs = _bin_dirs(mounted, host_bin_dir)
     for source, value in (("CNI_NET_DIR", host_net_dir), ("CNI_BIN_DIR", host_bin_dir)):
         if not value.startswith("/"):
             raise SettingsError(f"{source}: {value!r} is not an absolute path")
@@ -308,10 +338,19 @@ def parse_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
             f"as a network (no {', '.join(CONF_EXTENSIONS)} extension)"
         )
 
-    source, interpreter = get("plugin_interpreter", "PLUGIN_INTERPRETER", "/usr/bin/python3 -S")
+    source, interpreter = get("plugin_interpreter", "PLUGIN_INTERPRETER", "")
     interpreter = interpreter.strip()
-    if not interpreter.startswith("/") or "\n" in interpreter:
+    if interpreter and (not interpreter.startswith("/") or "\n" in interpreter):
         raise SettingsError(f"{source}: {interpreter!r} must be an absolute path to the node's Python")
+    plugin_template = Path(get("plugin_template", "PLUGIN_TEMPLATE", "/opt/istio-cni/plugin")[1])
+    if not interpreter and not (args.check or args.uninstall):
+        from cni.selfcontained import BuildError, check_bin_dir
+
+        for node_dir in host_bin_dirs:
+            try:
+                check_bin_dir(node_dir)
+            except BuildError as e:
+                raise SettingsError(str(e)) from None
 
     source, interval_s = get("poll_interval", "POLL_INTERVAL", "1")
     try:
@@ -326,6 +365,8 @@ def parse_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
         host_net_dir=host_net_dir,
         bin_dirs=tuple(Path(d) for d in bin_dirs),
         host_bin_dir=host_bin_dir,
+        host_bin_dirs=host_bin_dirs,
+        plugin_template=plugin_template,
         conf_name=conf_name,
         chained=chained,
         interpreter=interpreter,
@@ -595,9 +636,12 @@ class Installer:
     """One pass of ``reconcile()`` makes the node's files right (executable, kubeconfig, entry, in
     that order: the entry only points at a plugin that is there); ``cleanup()`` undoes it."""
 
-    def __init__(self, settings: Settings, archive: bytes) -> None:
+    def __init__(self, settings: Settings, archive: bytes, template: Path | None = None) -> None:
         self.settings = settings
         self.archive = archive
+        # The self-contained plugin's template (None: the zipapp ``archive``).
+        self.template = template
+        self._switched: dict[Path, float] = {}
         self.entry = plugin_entry(settings)
         self.status = Status()
         self.installation: Installation | None = None
@@ -608,6 +652,9 @@ class Installer:
     # executable
 
     def _ensure_executables(self) -> None:
+        if self.template is not None:
+            self._ensure_self_contained(self.template)
+            return
         for d in self.settings.bin_dirs:
             path = d / PLUGIN_FILENAME
             try:
@@ -631,6 +678,38 @@ class Installer:
                 raise NotReady(f"cannot write the plugin executable {path}: {e.strerror}") from None
             self._bin_stats[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
             log.info("wrote the plugin executable %s (%d bytes)", path, len(self.archive))
+
+    def _ensure_self_contained(self, template: Path) -> None:
+        from cni import selfcontained as sc
+
+        host_dirs = self.settings.host_bin_dirs or (self.settings.host_bin_dir,) * len(self.settings.bin_dirs)
+        for d, node_dir in zip(self.settings.bin_dirs, host_dirs, strict=True):
+            try:
+                version, wrote = sc.install(template, d, node_dir)
+            except (OSError, sc.BuildError) as e:
+                raise NotReady(f"cannot install the plugin into {d}: {e}") from None
+            if wrote or d not in self._switched:
+                self._switched[d] = time.monotonic()
+            if wrote:
+                log.info(
+                    "installed the self-contained plugin %s into %s (for %s on the node)",
+                    version,
+                    d,
+                    node_dir,
+                )
+            self._prune(d, version)
+
+    def _prune(self, d: Path, current: str, grace: float = SWITCH_GRACE) -> None:
+        """Remove the versions other than ``current`` that no run can still use: none holds its
+        lock, and the launcher has pointed at ``current`` for longer than a run needs to start
+        (a run that exec'd the old launcher just before the switch takes its lock within that)."""
+        from cni import selfcontained as sc
+
+        if time.monotonic() - self._switched.get(d, 0.0) < grace:
+            return
+        for version in sc.installed_versions(d):
+            if version != current and sc.remove_version(d, version):
+                log.info("removed the plugin version %s from %s (no run uses it)", version, d)
 
     # kubeconfig
 
@@ -875,12 +954,18 @@ def _remove_entry_once(path: Path) -> bool:
 
 
 def remove_files(settings: Settings) -> None:
+    from cni.selfcontained import SUPPORT_DIR, remove_all
+
     for path in (settings.kubeconfig_path, *(d / PLUGIN_FILENAME for d in settings.bin_dirs)):
         try:
             if remove_file(path):
                 log.info("removed %s", path)
         except OSError as e:
             log.error("could not remove %s: %s", path, e.strerror)
+    for d in settings.bin_dirs:
+        if (d / SUPPORT_DIR).exists():
+            remove_all(d)
+            log.info("removed every version of the plugin from %s", d / SUPPORT_DIR)
 
 
 def uninstall(settings: Settings) -> bool:
@@ -909,7 +994,11 @@ class _HealthServer(ThreadingHTTPServer):
             # Dual stack: kubelet probes the pod's address, IPv4 or IPv6.
             with contextlib.suppress(OSError):
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+        # Not HTTPServer.server_bind: its socket.getfqdn() of the bind address is a reverse DNS
+        # lookup, which waits for the resolver's timeout (10 s) where the pod's DNS cannot be
+        # reached yet, as on a node whose network this installer is still setting up.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
 
 class _HealthServer6(_HealthServer):
@@ -998,19 +1087,36 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 def run(settings: Settings, stop: threading.Event) -> int:
     """Installs, watches until ``stop`` is set, cleans up."""
-    from cni.bundle import build_archive
-
-    archive = build_archive(settings.interpreter)
-    log.info(
-        "built the plugin executable (%d bytes, interpreter %r); net dir %s (node: %s), bin dirs %s, %s",
-        len(archive),
-        settings.interpreter,
-        settings.net_dir,
-        settings.host_net_dir,
-        ", ".join(str(d) for d in settings.bin_dirs),
-        "chained" if settings.chained else "standalone (Multus)",
+    where = (
+        f"net dir {settings.net_dir} (node: {settings.host_net_dir}), bin dirs "
+        + ", ".join(
+            f"{d} (node: {n})" for d, n in zip(settings.bin_dirs, settings.host_bin_dirs, strict=False)
+        )
+        + (", chained" if settings.chained else ", standalone (Multus)")
     )
-    installer = Installer(settings, archive)
+    if settings.interpreter:
+        from cni.bundle import build_archive
+
+        archive = build_archive(settings.interpreter)
+        log.info(
+            "built the plugin executable (%d bytes, interpreter %r); %s",
+            len(archive),
+            settings.interpreter,
+            where,
+        )
+        installer = Installer(settings, archive)
+    else:
+        from cni.selfcontained import BuildError, template_version
+
+        try:
+            version = template_version(settings.plugin_template)
+        except BuildError as e:
+            raise SettingsError(
+                f"PLUGIN_TEMPLATE: {e} (build it with scripts/build-plugin --template DIR, or set "
+                "PLUGIN_INTERPRETER to install a zipapp for the node's own Python)"
+            ) from None
+        log.info("the self-contained plugin %s from %s; %s", version, settings.plugin_template, where)
+        installer = Installer(settings, b"", settings.plugin_template)
     server = serve_health(
         installer.status,
         settings.health_address,

@@ -17,7 +17,7 @@ decisions: the rules come from the planner, the restore text from the renderer. 
   (sss, ldap, nis, winbind, compat...; not files or systemd), iptables-restore runs with those
   lookups limited to local files (nsexec.py); otherwise the restore binary is run directly;
 - loopback addresses (``::6``) through one standard-library netlink request (netlink.py), TPROXY
-  policy routing through pyroute2 (routes.py, imported only when the Ruleset needs it).
+  policy routing through the same kind of requests (routes.py, imported only when needed).
 """
 
 from __future__ import annotations
@@ -619,6 +619,25 @@ def _decide(
     return drift
 
 
+def in_target(
+    opts: ApplyOptions,
+    executor: Executor | None,
+    lock_wait: int,
+    netns: Netns | None,
+    fn: Callable[[_Target], None],
+) -> None:
+    """``fn(target)`` for the namespace ``netns`` (opened here from ``opts.network_namespace``
+    when None, and closed again), holding its lock, inside it when commands run for real: what
+    every apply and cleanup of either backend runs in. Raises ApplyError."""
+    ns = netns or open_target(opts.network_namespace)
+    try:
+        target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
+        target.run_locked(lambda: fn(target))
+    finally:
+        if netns is None:
+            ns.close()
+
+
 def apply(
     rs: Ruleset,
     opts: ApplyOptions,
@@ -643,13 +662,7 @@ def apply(
     if opts.skip_rule_apply:
         log.info("--skip-rule-apply: not applying rules")
         return
-    ns = netns or open_target(opts.network_namespace)
-    try:
-        target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
-        target.run_locked(lambda: _apply(target, rs, opts))
-    finally:
-        if netns is None:
-            ns.close()
+    in_target(opts, executor, lock_wait, netns, lambda target: _apply(target, rs, opts))
 
 
 def _apply(target: _Target, rs: Ruleset, opts: ApplyOptions) -> None:
@@ -688,7 +701,7 @@ def _apply(target: _Target, rs: Ruleset, opts: ApplyOptions) -> None:
     _commit(target, families, "applying")
 
     if rs.routes or rs.loopback_addresses:
-        from . import routes  # deferred: pyroute2 is imported there only for policy routes
+        from . import routes  # deferred: only pods with routes or loopback addresses need it
 
         try:
             routes.apply_routes(rs.routes, rs.loopback_addresses, target.route_netns)
@@ -724,13 +737,7 @@ def cleanup(
     if opts.dry_run:
         log.info("dry run: not removing rules")
         return
-    ns = netns or open_target(opts.network_namespace)
-    try:
-        target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
-        target.run_locked(lambda: _cleanup(target, opts, enable_ipv6, ruleset))
-    finally:
-        if netns is None:
-            ns.close()
+    in_target(opts, executor, lock_wait, netns, lambda target: _cleanup(target, opts, enable_ipv6, ruleset))
 
 
 def _cleanup(target: _Target, opts: ApplyOptions, enable_ipv6: bool, ruleset: Ruleset | None) -> None:

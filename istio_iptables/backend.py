@@ -8,11 +8,11 @@ so the choice and its reason are always logged.
 
 from __future__ import annotations
 
-from .executor import which as path_which
 from .lazylog import get_logger
 from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import Family
 from .state import holds_rules, parse_save
+from .tools import find as path_which
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -23,7 +23,7 @@ import errno
 import os
 import struct
 
-from .lean import TYPE_CHECKING
+from .lean import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -237,6 +237,160 @@ def local_addresses() -> list[str]:
         if found is not None:
             by_family[found[0]].append(found[1])
     return by_family[socket.AF_INET] + by_family[socket.AF_INET6]
+
+
+# --- policy rules and routes (what ``ip rule`` and ``ip route`` send) --------------------------
+
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+RTM_NEWRULE = 32
+RTM_DELRULE = 33
+RTM_GETRULE = 34
+FRA_PRIORITY = 6
+FRA_FWMARK = 10
+FRA_TABLE = 15
+RTA_OIF = 4
+RTA_TABLE = 15
+FR_ACT_TO_TBL = 1
+RTN_LOCAL = 2
+RTPROT_BOOT = 3
+RT_TABLE_UNSPEC = 0
+_RTMSG = struct.Struct(
+    "=BBBBBBBBI"
+)  # family, dst/src len, tos, table, protocol|res, scope|res, type|action, flags
+_U32 = struct.Struct("=I")
+
+
+def _attrs(body: bytes, offset: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while offset + _RTATTR.size <= len(body):
+        length, kind = _RTATTR.unpack_from(body, offset)
+        if length < _RTATTR.size or offset + length > len(body):
+            raise NetlinkError(errno.EBADMSG, "truncated attribute")
+        out[kind & 0x7FFF] = body[offset + _RTATTR.size : offset + length]
+        offset += _align(length)
+    return out
+
+
+def _u32(attrs: dict[int, bytes], kind: int) -> int | None:
+    value = attrs.get(kind)
+    return _U32.unpack_from(value)[0] if value is not None and len(value) >= 4 else None
+
+
+def _request(kind: int, flags: int, seq: int, body: bytes) -> bytes:
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST, seq, 0) + body
+
+
+def _dump_family(kind: int, answer: int, family: int) -> list[bytes]:
+    seq = _next_seq()
+    message = _request(kind, NLM_F_DUMP, seq, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))
+    return _dump(socket.NETLINK_ROUTE, "route", message, seq, answer)
+
+
+class PolicyRule(NamedTuple):
+    """One ``ip rule``: its preference, fwmark (None: no fwmark match) and table."""
+
+    priority: int
+    fwmark: int | None
+    table: int
+
+
+def policy_rules(family: int) -> list[PolicyRule]:
+    """The calling thread's namespace's policy rules of ``family`` (AF_INET, AF_INET6)."""
+    out = []
+    for body in _dump_family(RTM_GETRULE, RTM_NEWRULE, family):
+        if len(body) < _RTMSG.size:
+            raise NetlinkError(errno.EBADMSG, "truncated rule message")
+        header_table = body[4]
+        attrs = _attrs(body, _RTMSG.size)
+        table = _u32(attrs, FRA_TABLE)
+        out.append(PolicyRule(_u32(attrs, FRA_PRIORITY) or 0, _u32(attrs, FRA_FWMARK), table or header_table))
+    return out
+
+
+def _rule_message(
+    command: int, flags: int, seq: int, family: int, mark: int, table: int, priority: int | None
+) -> bytes:
+    body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else RT_TABLE_UNSPEC, 0, 0, FR_ACT_TO_TBL, 0)
+    body += _attr(FRA_FWMARK, _U32.pack(mark)) + _attr(FRA_TABLE, _U32.pack(table))
+    if priority is not None:
+        body += _attr(FRA_PRIORITY, _U32.pack(priority))
+    return _request(command, flags, seq, body)
+
+
+def add_policy_rule(family: int, mark: int, table: int) -> None:
+    """``ip rule add fwmark MARK lookup TABLE``: the kernel picks the preference ``ip`` would get
+    (one below the first rule after the local one). Raises NetlinkError."""
+    seq = _next_seq()
+    err = request(
+        _rule_message(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK, seq, family, mark, table, None), seq
+    )
+    if err:
+        raise NetlinkError(err, f"adding ip rule fwmark {mark} lookup {table}: {os.strerror(err)}")
+
+
+def delete_policy_rule(family: int, mark: int, table: int, priority: int) -> None:
+    """``ip rule del pref PRIORITY fwmark MARK lookup TABLE``. Raises NetlinkError."""
+    seq = _next_seq()
+    err = request(_rule_message(RTM_DELRULE, NLM_F_ACK, seq, family, mark, table, priority), seq)
+    if err and err != errno.ENOENT:
+        raise NetlinkError(err, f"removing ip rule fwmark {mark} lookup {table}: {os.strerror(err)}")
+
+
+class Route(NamedTuple):
+    """One route: prefix length of its destination, type (RTN_*), table and output interface."""
+
+    dst_len: int
+    type: int
+    table: int
+    oif: int | None
+
+
+def routes(family: int) -> list[Route]:
+    """The calling thread's namespace's routes of ``family``, every table."""
+    out = []
+    for body in _dump_family(RTM_GETROUTE, RTM_NEWROUTE, family):
+        if len(body) < _RTMSG.size:
+            raise NetlinkError(errno.EBADMSG, "truncated route message")
+        attrs = _attrs(body, _RTMSG.size)
+        out.append(Route(body[1], body[7], _u32(attrs, RTA_TABLE) or body[4], _u32(attrs, RTA_OIF)))
+    return out
+
+
+def _local_default_message(command: int, flags: int, seq: int, family: int, table: int, oif: int) -> bytes:
+    body = _RTMSG.pack(
+        family, 0, 0, 0, table if table < 256 else RT_TABLE_UNSPEC, RTPROT_BOOT, RT_SCOPE_HOST, RTN_LOCAL, 0
+    )
+    body += _attr(RTA_TABLE, _U32.pack(table)) + _attr(RTA_OIF, _U32.pack(oif))
+    return _request(command, flags, seq, body)
+
+
+def add_local_default_route(family: int, table: int, oif: int) -> None:
+    """``ip route add local default dev IF table TABLE``. Raises NetlinkError."""
+    seq = _next_seq()
+    err = request(
+        _local_default_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ACK, seq, family, table, oif),
+        seq,
+    )
+    if err:
+        raise NetlinkError(err, f"adding local default route table {table}: {os.strerror(err)}")
+
+
+def delete_local_default_route(family: int, table: int, oif: int) -> None:
+    """``ip route del local default dev IF table TABLE``. Raises NetlinkError."""
+    seq = _next_seq()
+    err = request(_local_default_message(RTM_DELROUTE, NLM_F_ACK, seq, family, table, oif), seq)
+    if err and err not in (errno.ESRCH, errno.ENOENT):
+        raise NetlinkError(err, f"removing local default route table {table}: {os.strerror(err)}")
+
+
+def interface_index(name: str) -> int:
+    """The calling thread's namespace's index of interface ``name``. Raises NetlinkError."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise NetlinkError(errno.ENODEV, f"no interface {name!r} in the network namespace") from None
 
 
 def _nft_tables(nfproto: int) -> list[bytes]:

@@ -33,9 +33,9 @@ from .apply import (
     ApplyError,
     _routing_what,
     _Target,
-    open_target,
+    in_target,
 )
-from .executor import RealExecutor, which
+from .executor import RealExecutor
 from .lazylog import get_logger
 from .lean import TYPE_CHECKING
 from .nftables import CHECK_SUFFIX, FAMILY, TABLES, base_chain, render_nft, tables_of
@@ -57,7 +57,9 @@ _PLANNED = {"prerouting": "PREROUTING", "output": "OUTPUT"}
 
 
 def _nft() -> str:
-    found = which("nft")
+    from .tools import find
+
+    found = find("nft")
     if found is None:
         raise ApplyError(
             "nft: not found in PATH (--native-nftables needs the nft program of nftables)", 1, BINARY_MISSING
@@ -251,13 +253,7 @@ def apply_nft(
         log.info("--skip-rule-apply: not applying rules")
         return
     binary = _nft()
-    ns = netns or open_target(opts.network_namespace)
-    try:
-        target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
-        target.run_locked(lambda: _apply(_Nft(target, binary), rules, opts))
-    finally:
-        if netns is None:
-            ns.close()
+    in_target(opts, executor, lock_wait, netns, lambda target: _apply(_Nft(target, binary), rules, opts))
 
 
 def _apply(nft: _Nft, rules: NftRules, opts: ApplyOptions) -> None:
@@ -271,7 +267,7 @@ def _apply(nft: _Nft, rules: NftRules, opts: ApplyOptions) -> None:
     else:
         before = _decide_and_load(nft, rules, opts, script, ours, stale)
     if rules.routes or rules.loopback_addresses:
-        from . import routes  # deferred: pyroute2 is imported there only for policy routes
+        from . import routes  # deferred: only pods with routes or loopback addresses need it
 
         try:
             routes.apply_routes(rules.routes, rules.loopback_addresses, nft.target.route_netns)
@@ -397,13 +393,7 @@ def cleanup_nft(
         log.info("dry run: not removing rules")
         return
     binary = _nft()
-    ns = netns or open_target(opts.network_namespace)
-    try:
-        target = _Target(executor or RealExecutor(), opts, lock_wait, ns)
-        target.run_locked(lambda: _cleanup(_Nft(target, binary), rules))
-    finally:
-        if netns is None:
-            ns.close()
+    in_target(opts, executor, lock_wait, netns, lambda target: _cleanup(_Nft(target, binary), rules))
 
 
 def _cleanup(nft: _Nft, rules: NftRules | None) -> None:

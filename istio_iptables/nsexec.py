@@ -68,7 +68,7 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _limit_lookups_to_files() -> None:
+def limit_lookups_to_files() -> None:
     """Private mount namespace with a files-only nsswitch.conf bound over the real one.
 
     The file is written to a tmpfs mounted over a scratch directory in the private namespace
@@ -122,7 +122,7 @@ def main(args: list[str]) -> None:
 
     if local:
         try:
-            _limit_lookups_to_files()
+            limit_lookups_to_files()
         except OSError as e:
             # Without CAP_SYS_ADMIN (an init container) this cannot be done; go on as Istio does.
             sys.stderr.write(f"nsexec: warning: lookups not limited to local files ({e.strerror})\n")

@@ -45,6 +45,12 @@ DNS_PROXY_PORT = "15053"
 NFT_SET_THRESHOLD = 8
 
 
+def _nft_iface(name: str) -> str:
+    """An interface name as nft spells it: iptables' wildcard suffix ``+`` is nft's quoted ``*``
+    (``eth+`` matches what ``"eth*"`` does); other names as they are."""
+    return f'"{name[:-1]}*"' if name.endswith("+") else name
+
+
 class _Builder:
     """Collects the rules in order."""
 
@@ -122,22 +128,49 @@ class _Plan:
     def exclude_interfaces(self) -> None:
         for iface in self.cfg.exclude_interfaces:
             self.b.append(
-                NAT, "PREROUTING", "-i", iface, "-j", "RETURN", nft=f"iifname {iface} counter return"
+                NAT,
+                "PREROUTING",
+                "-i",
+                iface,
+                "-j",
+                "RETURN",
+                nft=f"iifname {_nft_iface(iface)} counter return",
             )
-            self.b.append(NAT, "OUTPUT", "-o", iface, "-j", "RETURN", nft=f"oifname {iface} counter return")
+            self.b.append(
+                NAT, "OUTPUT", "-o", iface, "-j", "RETURN", nft=f"oifname {_nft_iface(iface)} counter return"
+            )
         if self.tproxy:
             for iface in self.cfg.exclude_interfaces:
                 self.b.append(
-                    MANGLE, "PREROUTING", "-i", iface, "-j", "RETURN", nft=f"iifname {iface} counter return"
+                    MANGLE,
+                    "PREROUTING",
+                    "-i",
+                    iface,
+                    "-j",
+                    "RETURN",
+                    nft=f"iifname {_nft_iface(iface)} counter return",
                 )
                 self.b.append(
-                    MANGLE, "OUTPUT", "-o", iface, "-j", "RETURN", nft=f"oifname {iface} counter return"
+                    MANGLE,
+                    "OUTPUT",
+                    "-o",
+                    iface,
+                    "-j",
+                    "RETURN",
+                    nft=f"oifname {_nft_iface(iface)} counter return",
                 )
 
     def kube_virt_interfaces_bypass(self) -> None:
         for iface in self.cfg.kube_virt_interfaces:
             self.b.insert(
-                NAT, "PREROUTING", 1, "-i", iface, "-j", "RETURN", nft=f"iifname {iface} counter return"
+                NAT,
+                "PREROUTING",
+                1,
+                "-i",
+                iface,
+                "-j",
+                "RETURN",
+                nft=f"iifname {_nft_iface(iface)} counter return",
             )
 
     def drop_invalid(self) -> None:
@@ -422,7 +455,7 @@ class _Plan:
                     iface,
                     "-j",
                     REDIRECT,
-                    nft=f"iifname {iface} counter jump istio-redirect",
+                    nft=f"iifname {_nft_iface(iface)} counter jump istio-redirect",
                 )
             return
         for f in self.fams:
@@ -430,7 +463,8 @@ class _Plan:
                 for iface in virt:
                     self.b.insert(
                         NAT, "PREROUTING", 1, "-i", iface, "-d", cidr, "-j", REDIRECT,
-                        nft=f"iifname {iface} {f.ip} daddr {nft_cidr} counter jump istio-redirect",
+                        nft=f"iifname {_nft_iface(iface)} {f.ip} daddr {nft_cidr}"
+                        " counter jump istio-redirect",
                     )  # fmt: skip
                 self.b.append(
                     NAT,

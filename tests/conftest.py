@@ -1,6 +1,7 @@
-"""Shared fixtures and the policy for tests that need the kernel: tests marked ``kernel`` or
-``podman`` are skipped with the reason where this machine cannot create a network namespace,
-and fail instead when CI is set (CI runs as root, so there they must run)."""
+"""Shared fixtures and the policy for tests that need the kernel: tests marked ``kernel``,
+``podman`` or ``cri`` are skipped with the reason where this machine cannot create a network
+namespace (or lacks podman, or containerd), and fail instead when CI is set (CI runs as root
+after scripts/setup, so there they must run)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ else:
     settings.register_profile("mesh", settings(deadline=None, suppress_health_check=[HealthCheck.too_slow]))
     settings.load_profile("mesh")
 
-_NEEDS_NETNS = ("kernel", "podman")
+_NEEDS_NETNS = ("kernel", "podman", "cri")
 _unavailable: dict[str, str | None] = {}
 
 
@@ -35,8 +36,15 @@ def _reason(marker: str) -> str | None:
         if "netns" not in _unavailable:
             _unavailable["netns"] = netns_unavailable_reason()
         reason = _unavailable["netns"]
-        if reason is None and marker == "podman" and shutil.which("podman") is None:
+        if reason is None and marker in ("podman", "cri") and shutil.which("podman") is None:
             reason = "podman is not installed (run scripts/setup)"
+        if reason is None and marker == "cri":
+            try:
+                from containerd import unavailable_reason
+            except ImportError as e:
+                reason = f"the CRI client cannot be built: {e} (run scripts/setup)"
+            else:
+                reason = unavailable_reason()
         _unavailable[marker] = reason
     return _unavailable[marker]
 
@@ -85,6 +93,15 @@ def venv_bin() -> Path:
     return path if path.is_dir() else Path(sys.executable).parent
 
 
+@pytest.fixture(scope="session")
+def project_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The project's two images (``init``: istio-iptables, ``install``: install-cni), built once per
+    session from this working tree on a local Debian 12 base; the image and CRI tests share them."""
+    import images
+
+    return images.build(REPO_ROOT, tmp_path_factory.mktemp("images"))
+
+
 @pytest.fixture
 def netns() -> Iterator[Callable[..., NetNS]]:
     """Factory: ``netns()`` or ``netns("pod")`` creates a uniquely named namespace with lo up and
@@ -102,3 +119,34 @@ def netns() -> Iterator[Callable[..., NetNS]]:
     finally:
         for ns in reversed(created):
             delete_netns(ns)
+
+
+@pytest.fixture(scope="session")
+def plugin_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The self-contained plugin's template (scripts/build-plugin --template-only), built once:
+    what install-cni installs from by default (PLUGIN_TEMPLATE)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("plugin") / "template"
+    p = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "build-plugin"), "--template-only", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+@pytest.fixture
+def short_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory whose path is short enough for the self-contained plugin's shebang
+    (pytest's own temporary paths are not); removed afterwards."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="cni-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

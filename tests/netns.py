@@ -31,7 +31,10 @@ PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
 
 V4, V6 = "v4", "v6"
 FAMILIES = (V4, V6)
-BACKENDS = ("nft", "legacy")
+# Istio's --force-iptables-binary values, and the native nftables backend (--native-nftables).
+IPTABLES_BACKENDS = ("nft", "legacy")
+NFTABLES = "nftables"
+BACKENDS = (*IPTABLES_BACKENDS, NFTABLES)
 REDIRECT, TPROXY = "REDIRECT", "TPROXY"
 MODES = (REDIRECT, TPROXY)
 
@@ -410,21 +413,16 @@ def _command_env(env: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _command(name: str, ns: NetNS, args: Sequence[str], backend: str) -> list[str]:
-    return [
-        str(COMMAND_DIR / name),
-        *args,
-        "--network-namespace",
-        ns.path,
-        "--force-iptables-binary",
-        backend,
-    ]
+    chosen = ["--native-nftables"] if backend == NFTABLES else ["--force-iptables-binary", backend]
+    return [str(COMMAND_DIR / name), *args, "--network-namespace", ns.path, *chosen]
 
 
 def apply_rules(
     ns: NetNS, args: Sequence[str], backend: str, *, env: Mapping[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """``istio-iptables ARGS --network-namespace NS --force-iptables-binary BACKEND`` (``nft`` or
-    ``legacy``, Istio's values), with no environment but ``env`` (and PATH, HOME, locale)."""
+    """``istio-iptables ARGS --network-namespace NS`` with ``--force-iptables-binary BACKEND``
+    (``nft`` or ``legacy``, Istio's values) or, for ``nftables``, ``--native-nftables``; with no
+    environment but ``env`` (and PATH, HOME, locale)."""
     return run(_command("istio-iptables", ns, args, backend), check=check, env=_command_env(env), timeout=60)
 
 
@@ -442,9 +440,14 @@ def _save_cmd(backend: str, family: str) -> str:
 
 
 def rules_text(ns: NetNS, backend: str, family: str) -> str:
-    """The namespace's rules of one backend and family, comparable between two moments: no
-    comments or counters, and no table that holds nothing but empty built-in chains with ACCEPT
-    policy (the nft backend may leave such tables behind; they filter nothing)."""
+    """The namespace's rules of one backend and family, comparable between two moments.
+
+    For an iptables backend: its save output without comments or counters, and no table that
+    holds nothing but empty built-in chains with ACCEPT policy (the nft backend may leave such
+    tables behind; they filter nothing). For ``nftables``: nft_ruleset(ns, family) without the
+    tables iptables-nft keeps (those are the ``nft`` backend's)."""
+    if backend == NFTABLES:
+        return nft_ruleset(ns, family, native_only=True)
     raw = run(_ns_argv(ns, [_save_cmd(backend, family)], 0, 0)).stdout
     out: list[str] = []
     table: list[str] = []
@@ -463,6 +466,129 @@ def rules_text(ns: NetNS, backend: str, family: str) -> str:
             builtin_accept = re.match(r"^:(PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) ACCEPT$", line)
             meaningful = meaningful or not builtin_accept
     return "\n".join(out) + ("\n" if out else "")
+
+
+# The nf_tables tables iptables-nft works in (and iptables-nft-save shows).
+_IPTABLES_NFT_TABLES = frozenset(
+    (family, table) for family in ("ip", "ip6") for table in ("filter", "nat", "mangle", "raw", "security")
+)
+
+
+@dataclass
+class _NftChain:
+    spec: str | None = None  # a base chain's "type ... hook ... priority ...; policy ...;"
+    rules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _NftTable:
+    chains: dict[str, _NftChain] = field(default_factory=dict)
+    other: list[str] = field(default_factory=list)  # sets, maps, flags...: kept as listed
+
+
+def _nft_tables(ns: NetNS) -> dict[tuple[str, str], _NftTable]:
+    """``nft list ruleset`` read back into tables, keyed by (family, name), counter values dropped."""
+    raw = run(_ns_argv(ns, ["nft", "list", "ruleset"], 0, 0)).stdout
+    tables: dict[tuple[str, str], _NftTable] = {}
+    table: _NftTable | None = None
+    chain: _NftChain | None = None
+    block = ""  # the header of the open non-chain block (a set, a map, ...)
+    for line in raw.splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        depth = len(line) - len(line.lstrip("\t"))
+        text = re.sub(r"\bcounter packets \d+ bytes \d+", "counter", text)
+        if depth == 0:
+            if text.startswith("table "):
+                _, family, name = text.split()[:3]
+                table = tables.setdefault((family, name), _NftTable())
+            chain, block = None, ""
+            continue
+        assert table is not None, f"unexpected nft output line: {line!r}"
+        if depth == 1:
+            chain, block = None, ""
+            if text.startswith("chain ") and text.endswith("{"):
+                chain = table.chains.setdefault(text.split()[1], _NftChain())
+            elif text.endswith("{"):
+                block = text[:-1].strip()
+                table.other.append(block)
+            elif text != "}":
+                table.other.append(text)
+        elif chain is not None:
+            if depth == 2 and text.startswith("type ") and not chain.rules:
+                chain.spec = text
+            else:
+                chain.rules.append(text)
+        else:
+            table.other.append(f"{block}: {text}")
+    return tables
+
+
+def _rule_families(rule: str) -> set[str]:
+    """The families whose packets an ``inet`` rule can match: a rule that names the IPv4 or IPv6
+    header (``ip daddr``, ``tproxy ip6 to``, ``meta nfproto ipv4``) matches only that family's."""
+    words = re.sub(r'"[^"]*"', '""', rule).split()
+    out = set()
+    if "ip" in words or "ipv4" in words:
+        out.add(V4)
+    if "ip6" in words or "ipv6" in words:
+        out.add(V6)
+    return out or set(FAMILIES)
+
+
+def nft_ruleset(ns: NetNS, family: str | None = None, *, native_only: bool = False) -> str:
+    """The namespace's nftables ruleset, comparable between two moments: one line per table,
+    chain and rule (``table inet T``, ``chain inet T C { type ... }``, ``rule inet T C EXPR``),
+    without counter values. Tables and chains are sorted by name (their order means nothing:
+    hooks run by priority), rules stay in order. In the tables iptables-nft keeps, empty base
+    chains with accept policy, and a table left with nothing else, are left out, as rules_text
+    does for iptables-nft-save.
+
+    ``native_only``: without iptables-nft's tables at all. ``family``: only what applies to that
+    family's packets: ``ip`` tables for IPv4, ``ip6`` tables for IPv6, and in other tables the
+    rules that do not name the other family's header."""
+    out: list[str] = []
+    for (fam, name), table in sorted(_nft_tables(ns).items()):
+        iptables_nft = (fam, name) in _IPTABLES_NFT_TABLES
+        if iptables_nft and native_only:
+            continue
+        if family is not None and fam in ("ip", "ip6") and fam != ("ip" if family == V4 else "ip6"):
+            continue
+        chains = {
+            cname: c
+            for cname, c in table.chains.items()
+            if not (iptables_nft and not c.rules and c.spec is not None and c.spec.endswith("policy accept;"))
+        }
+        if iptables_nft and not chains and not table.other:
+            continue
+        out.append(f"table {fam} {name}")
+        out += [f"{fam} {name} {item}" for item in table.other]
+        for cname, c in sorted(chains.items()):
+            out.append(f"chain {fam} {name} {cname}" + (f" {{ {c.spec} }}" if c.spec else ""))
+            out += [
+                f"rule {fam} {name} {cname} {r}"
+                for r in c.rules
+                if family is None or family in _rule_families(r)
+            ]
+    return "".join(ln + "\n" for ln in out)
+
+
+# How nft_ruleset shows a rule of Istio's outbound chain in the native tables.
+_ISTIO_OUTPUT_NFT = "rule inet istio-proxy-nat istio-output "
+
+
+def has_istio_rules(ns: NetNS, backend: str, family: str) -> bool:
+    """Whether ``backend`` holds Istio's outbound chain for ``family``: for an iptables backend
+    ISTIO_OUTPUT in that family's tables; for ``nftables``, where one ``inet`` table serves both
+    families, a rule of istio-output that only this family's packets match."""
+    text = rules_text(ns, backend, family)
+    if backend != NFTABLES:
+        return "ISTIO_OUTPUT" in text
+    return any(
+        ln.startswith(_ISTIO_OUTPUT_NFT) and _rule_families(ln[len(_ISTIO_OUTPUT_NFT) :]) == {family}
+        for ln in text.splitlines()
+    )
 
 
 def all_rules_text(ns: NetNS) -> dict[tuple[str, str], str]:
@@ -492,18 +618,20 @@ def route_table(ns: NetNS, family: str, table: int = TPROXY_TABLE) -> list[str]:
 
 
 def reset_rules(ns: NetNS) -> None:
-    """Removes every iptables rule (both backends, both families), every policy rule beyond the
-    defaults and table 133, and forgets conntrack state, without using the commands under test."""
-    for backend in BACKENDS:
-        for family in FAMILIES:
-            tables = [
-                ln[1:].strip() for ln in rules_text(ns, backend, family).splitlines() if ln.startswith("*")
-            ]
-            if tables:
-                restore = _save_cmd(backend, family).replace("-save", "-restore")
-                # Without --noflush, restoring an empty table empties it and deletes its chains.
-                doc = "".join(f"*{t}\nCOMMIT\n" for t in tables)
-                run(_ns_argv(ns, [restore], 0, 0), input=doc)
+    """Removes every iptables rule (both backends, both families) and every nftables table, every
+    policy rule beyond the defaults and table 133, and forgets conntrack state, without using the
+    commands under test."""
+    for family in FAMILIES:
+        tables = [
+            ln[1:].strip() for ln in rules_text(ns, "legacy", family).splitlines() if ln.startswith("*")
+        ]
+        if tables:
+            restore = _save_cmd("legacy", family).replace("-save", "-restore")
+            # Without --noflush, restoring an empty table empties it and deletes its chains.
+            doc = "".join(f"*{t}\nCOMMIT\n" for t in tables)
+            run(_ns_argv(ns, [restore], 0, 0), input=doc)
+    # Every nf_tables table goes: the native backend's, iptables-nft's and anyone else's.
+    run(_ns_argv(ns, ["nft", "flush", "ruleset"], 0, 0))
     for family in FAMILIES:
         fam = "-4" if family == V4 else "-6"
         for line in policy_rules(ns, family):
@@ -515,12 +643,14 @@ def reset_rules(ns: NetNS) -> None:
 
 def namespace_state(ns: NetNS) -> str:
     """Everything the commands may change, as one text comparable between two moments or two
-    namespaces (pytest shows a line diff): the rules of both backends and families, the policy
-    rules and the TPROXY route table."""
+    namespaces (pytest shows a line diff): the rules of both iptables backends and families, the
+    whole nftables ruleset (iptables-nft's tables too: their save output does not show every
+    native rule), the policy rules and the TPROXY route table."""
     parts: list[str] = []
-    for backend in BACKENDS:
+    for backend in IPTABLES_BACKENDS:
         for family in FAMILIES:
             parts.append(f"### {_save_cmd(backend, family)}\n{rules_text(ns, backend, family)}")
+    parts.append(f"### nft list ruleset\n{nft_ruleset(ns)}")
     for family in FAMILIES:
         parts.append(f"### ip rule ({family})\n" + "".join(ln + "\n" for ln in policy_rules(ns, family)))
         table = route_table(ns, family)
@@ -528,11 +658,52 @@ def namespace_state(ns: NetNS) -> str:
     return "".join(parts)
 
 
+# Someone else's nftables tables: an inet one with base chains on the hooks ours use (nat output and
+# prerouting, prerouting at mangle priority) and more, and a user chain; and ip and ip6 tables.
+_FOREIGN_NFT = """
+table inet foreign {
+    chain nat-output {
+        type nat hook output priority -100; policy accept;
+        tcp dport 7777 counter return
+    }
+    chain FOREIGN {
+        tcp dport 7778 return
+    }
+    chain nat-prerouting {
+        type nat hook prerouting priority -100; policy accept;
+        jump FOREIGN
+    }
+    chain mangle-prerouting {
+        type filter hook prerouting priority -150; policy accept;
+        tcp dport 7777 return
+    }
+    chain input {
+        type filter hook input priority 0; policy accept;
+        tcp dport 7777 accept
+    }
+}
+table ip foreign {
+    chain output {
+        type filter hook output priority 0; policy accept;
+        ip daddr 10.77.0.0/16 tcp dport 7777 counter accept
+    }
+}
+table ip6 foreign {
+    chain output {
+        type filter hook output priority 0; policy accept;
+        ip6 daddr fd00:77::/32 tcp dport 7777 counter accept
+    }
+}
+"""
+
+
 def add_foreign_rules(ns: NetNS, backend: str) -> None:
     """Rules someone else put in the namespace before us: in built-in chains of nat, mangle and
-    filter, a user chain of their own, and a policy rule; for both families."""
+    filter, a user chain of their own, and a policy rule; for both families. For ``nftables``,
+    iptables-nft rules (as a node's other software may hold) and tables of their own (_FOREIGN_NFT)."""
+    iptables = "nft" if backend == NFTABLES else backend
     for family in FAMILIES:
-        cmd = f"{'ip' if family == V4 else 'ip6'}tables-{backend}"
+        cmd = f"{'ip' if family == V4 else 'ip6'}tables-{iptables}"
         for argv in (
             ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "7777", "-j", "RETURN"],
             ["-t", "nat", "-N", "FOREIGN"],
@@ -548,6 +719,8 @@ def add_foreign_rules(ns: NetNS, backend: str) -> None:
                 ns, ["ip", fam, "rule", "add", "fwmark", "0x99", "lookup", "99", "priority", "1000"], 0, 0
             )
         )
+    if backend == NFTABLES:
+        run(_ns_argv(ns, ["nft", "-f", "-"], 0, 0), input=_FOREIGN_NFT)
 
 
 def has_address(ns: NetNS, ifname: str, address: str) -> bool:

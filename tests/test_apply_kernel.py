@@ -255,18 +255,17 @@ print(json.dumps(sorted(m for m in ("pyroute2", "click", "asyncio", "logging") i
 
 
 @pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
-def test_ipv6_loopback_address_without_the_netlink_library(netns: NewNS, mode: str) -> None:
-    # ::6 on lo is one standard-library netlink request; pyroute2 is loaded for TPROXY routes only.
+def test_loopback_address_and_tproxy_routes_without_a_netlink_library(netns: NewNS, mode: str) -> None:
+    # ::6 on lo, the policy rule and the local route are standard-library netlink requests each.
     ns = netns("pod")
     p = subprocess.run(
         [sys.executable, "-c", _LEAN_APPLY, ns.path, mode], capture_output=True, text=True, check=True
     )
     assert "inet6 ::6/128" in ns.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
-    loaded = json.loads(p.stdout)
     if mode == "TPROXY":
-        assert "pyroute2" in loaded and "click" not in loaded, loaded
-    else:
-        assert loaded == [], loaded
+        assert "fwmark 0x539 lookup 133" in ns.run(["ip", "-6", "rule"]).stdout
+    loaded = json.loads(p.stdout)
+    assert loaded == [], loaded
 
 
 @pytest.mark.parametrize("variant", BACKENDS)

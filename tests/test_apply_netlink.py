@@ -341,7 +341,7 @@ def test_nft_tables_are_counted_per_family_in_the_namespace(netns: Callable[...,
     assert nl.in_netns(ns.path, count) == (1, 2)
 
 
-# --- routes.py: addresses through these requests, routes through pyroute2 --------------------------
+# --- routes.py: addresses, policy rules and routes through these requests ---------------------------
 
 
 def _record_addresses(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
@@ -362,15 +362,15 @@ def _record_addresses(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object
     return calls
 
 
-def test_loopback_addresses_alone_never_open_pyroute2(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loopback_addresses_alone_make_no_routing_request(monkeypatch: pytest.MonkeyPatch) -> None:
     from istio_iptables import routes
 
     calls = _record_addresses(monkeypatch)
 
-    def no_pyroute2(netns: str | None) -> None:
-        raise AssertionError("pyroute2 opened without routes")
+    def no_routing(family: int) -> list[object]:
+        raise AssertionError("policy rules read without routes")
 
-    monkeypatch.setattr(routes, "_ipr", no_pyroute2)
+    monkeypatch.setattr(routes.netlink, "policy_rules", no_routing)
     added = routes.apply_routes([], [V6], "/var/run/netns/x")
     assert [a.kind for a in added] == ["address"] and calls == [("add", V6)]
     assert routes.remove_routes([], [V6], "/var/run/netns/x") == ["::6/128 on lo"]
@@ -382,12 +382,12 @@ def test_a_failed_route_takes_back_the_address_added_before(monkeypatch: pytest.
 
     calls = _record_addresses(monkeypatch)
 
-    def failing_routes(rs: object, netns: str | None, added: list[object]) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
+    def failing_routes(rs: object, added: list[object]) -> None:
+        raise nl.NetlinkError(errno.EPERM, "adding ip rule fwmark 1337 lookup 133: Operation not permitted")
 
     monkeypatch.setattr(routes, "_add_routes", failing_routes)
     with pytest.raises(routes.RoutesError, match="Operation not permitted"):
-        routes.apply_routes([PolicyRoute(Family.V6, 1337, 133)], [V6], "/var/run/netns/x")
+        routes.apply_routes([PolicyRoute(Family.V6, 1337, 133)], [V6], None)
     assert calls == [("add", V6), ("del", V6)]
 
 

@@ -1,5 +1,6 @@
-"""Keeps scripts/bench from rotting: a quick run (2 repetitions, 3 concurrent ADDs) must measure
-every item, with nothing failing. No figure is judged here; the benchmark is for reading."""
+"""Keeps scripts/bench from rotting: a quick run (2 repetitions, 3 concurrent ADDs, 1 s per
+connection-rate point) must measure every item, with nothing failing. No figure is judged here;
+the benchmark is for reading."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
-ITEMS = ("floor", "cni", "init", "old_way", "concurrency", "scale")
+ITEMS = ("floor", "cni", "init", "old_way", "concurrency", "scale", "nft", "connrate", "nftlib", "cri")
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,18 @@ def test_every_measurement_has_figures(quick_run) -> None:
         items["cni"]["add"],
         items["cni"]["check"],
         items["cni"]["del"],
+        items["cni"]["add_zipapp"],
+        items["cni"]["add_selfcontained"],
         items["init"]["apply"],
         items["init"]["dry_run"],
         items["old_way"]["apply"],
         items["scale"]["plan_render"],
         items["scale"]["add_cidrs"],
+        items["nft"]["cni_add"],
+        items["nft"]["init_apply"],
+        items["nft"]["init_dry_run"],
+        *(items["nftlib"][k] for k in ("python_S", "binary", "library", "nft_alone")),
+        *(items["cri"][k] for k in ("nomesh", "unmeshed", "meshed")),
     ]  # fmt: skip
     for m in measured:
         assert m["n"] >= 1 and m["failures"] == 0 and "median_ms" in m and "p95_ms" in m, m
@@ -71,7 +79,30 @@ def test_every_measurement_has_figures(quick_run) -> None:
     conc = items["concurrency"]
     assert conc["failures"] == 0 and conc["concurrency"] == 3 and conc["latency"]["n"] == 3
     assert {t["result"] for t in doc["targets"]} <= {"PASS", "FAIL"}
-    assert len(doc["targets"]) == 5
+    assert len(doc["targets"]) == 9
+
+
+def test_native_nftables_runs_beside_iptables(quick_run) -> None:
+    _, doc = quick_run
+    nft = doc["items"]["nft"]
+    assert nft["cni_add_vs_iptables"] > 0 and nft["init_apply_vs_iptables"] > 0
+    assert nft["init_nft_dry_run_equals_planner"] is True
+    lib = doc["items"]["nftlib"]
+    assert lib["time_cheaper"] in ("binary", "library")
+    assert {"binary.load_ms", "library.import_ms", "library.load_ms"} <= set(lib["in_process_median"])
+
+
+def test_connection_rate_measures_every_point(quick_run) -> None:
+    _, doc = quick_run
+    rate = doc["items"]["connrate"]
+    points = {(p["backend"], p["excluded_cidrs"]): p for p in rate["points"]}
+    assert set(points) == {(b, n) for b in ("iptables", "nftables") for n in (0, 1000, 10000)}
+    for p in points.values():
+        assert p["status"] == "ok" and p["connections"] > 0 and p["conn_per_s"] > 0, p
+        assert p["failures"] == 0 and p["conntrack_drop"] == 0 and p["conntrack_insert_failed"] == 0, p
+    # One rule per CIDR for iptables; one set for nftables.
+    assert points[("iptables", 10000)]["rule_lines"] >= 10000
+    assert points[("nftables", 10000)]["rule_lines"] < 100
 
 
 def test_nothing_is_left_behind(quick_run) -> None:

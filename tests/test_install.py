@@ -60,6 +60,8 @@ def env_for(node: dict[str, Path], **extra: str) -> dict[str, str]:
         "KUBERNETES_SERVICE_HOST": "10.96.0.1",
         "KUBERNETES_SERVICE_PORT": "443",
         "POD_NAMESPACE": "istio-system",
+        # These tests install the zipapp (FAKE_ARCHIVE); the self-contained plugin has its own.
+        "PLUGIN_INTERPRETER": "/usr/bin/python3 -S",
     }
     env.update(extra)
     return env
@@ -667,6 +669,8 @@ def test_istio_environment_variables(node: dict[str, Path], tmp_path: Path) -> N
     assert s.net_dir == Path("/host/etc/cni/net.d") and s.host_net_dir == "/etc/cni/net.d"
     assert s.bin_dirs == (Path("/host/opt/cni/bin"), Path("/host/secondary-bin-dir"))
     assert s.host_bin_dir == "/opt/cni/bin"
+    # Each bin dir as the node sees it: CNI_BIN_DIR for the first, the rest without /host.
+    assert s.host_bin_dirs == ("/opt/cni/bin", "/secondary-bin-dir")
     assert s.conf_name == "10-calico.conflist" and not s.chained
     assert s.kubeconfig_path == Path("/host/etc/cni/net.d/istio-kc")
     assert s.host_kubeconfig_path == "/etc/cni/net.d/istio-kc"
@@ -685,7 +689,9 @@ def test_defaults(node: dict[str, Path]) -> None:
     )
     assert s.net_dir == Path("/etc/cni/net.d") and s.bin_dirs == (Path("/opt/cni/bin"),)
     assert s.chained and s.conf_name == ""
-    assert s.interpreter == "/usr/bin/python3 -S"
+    # The self-contained plugin, from where the installer image has it.
+    assert s.interpreter == "" and s.plugin_template == Path("/opt/istio-cni/plugin")
+    assert s.host_bin_dirs == ("/opt/cni/bin",)
     assert s.exclude_namespaces == ("istio-system",) and s.kubeconfig_mode == 0o600
     assert s.token_file == Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     assert s.health_port == 8000 and not s.cleanup_files

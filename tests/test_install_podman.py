@@ -63,10 +63,11 @@ def api(tmp_path: Path) -> Iterator[KubeAPIServer]:
 
 
 @pytest.fixture
-def net(tmp_path: Path) -> Iterator[Net]:
+def net(tmp_path: Path, short_dir: Path) -> Iterator[Net]:
     tag = secrets.token_hex(3)
     name, bridge = f"instcni-{tag}", f"ic{tag}"
-    net_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    # The self-contained plugin's bin dir must be short enough for its shebang line.
+    net_dir, bin_dir = tmp_path / "net.d", short_dir / "bin"
     net_dir.mkdir()
     bin_dir.mkdir()
     subnet = f"10.{90 + secrets.randbelow(10)}.{secrets.randbelow(250)}"
@@ -127,7 +128,7 @@ def readyz(url: str) -> tuple[int, str]:
 
 @pytest.fixture
 def installer(
-    net: Net, api: KubeAPIServer, tmp_path: Path, venv_bin: Path
+    net: Net, api: KubeAPIServer, tmp_path: Path, venv_bin: Path, plugin_template: Path
 ) -> Iterator[subprocess.Popen[str]]:
     sa = tmp_path / "serviceaccount"
     sa.mkdir()
@@ -146,6 +147,7 @@ def installer(
         "HEALTH_PORT": str(port),
         "POLL_INTERVAL": "0.1",
         "LOG_LEVEL": "debug",
+        "PLUGIN_TEMPLATE": str(plugin_template),
     }
     proc = subprocess.Popen(
         [str(venv_bin / "install-cni")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -191,7 +193,9 @@ def test_installed_plugin_captures_a_meshed_container(
     assert [p["type"] for p in installed["plugins"]] == ["bridge", "portmap", "istio-cni"]
     assert installed["plugins"][:2] == doc["plugins"]
     exe = net.bin_dir / "istio-cni"
-    assert exe.read_bytes().startswith(b"#!/usr/bin/python3 -S\n")
+    # The self-contained plugin: a launcher for its own interpreter, under a versioned name.
+    assert exe.read_bytes().startswith(f"#!{net.bin_dir}/istio-cni.d/".encode())
+    assert (net.bin_dir / "istio-cni.d").is_dir()
 
     tag = secrets.token_hex(3)
     meshed, plain = f"productpage-{tag}", f"batch-{tag}"
