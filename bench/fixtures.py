@@ -99,6 +99,33 @@ def write_tls(directory: Path) -> tuple[Path, Path, Path]:
 KUBECONFIG_SOURCE = "cni.install.render_kubeconfig"
 
 
+def write_kubectl_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None:
+    """An ordinary YAML kubeconfig, as ``kubectl config view --raw`` prints one (keys sorted, the
+    CA inline, ``preferences: {}``): what users point ``kubernetes.kubeconfig`` at."""
+    ca = base64.b64encode(ca_file.read_bytes()).decode()
+    path.write_text(
+        "apiVersion: v1\n"
+        "clusters:\n"
+        "- cluster:\n"
+        f"    certificate-authority-data: {ca}\n"
+        f"    server: {server}\n"
+        "  name: bench-cluster\n"
+        "contexts:\n"
+        "- context:\n"
+        "    cluster: bench-cluster\n"
+        "    user: bench-user\n"
+        "  name: bench\n"
+        "current-context: bench\n"
+        "kind: Config\n"
+        "preferences: {}\n"
+        "users:\n"
+        "- name: bench-user\n"
+        "  user:\n"
+        f"    token: {token}\n"
+    )
+    path.chmod(0o600)
+
+
 def write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None:
     """The kubeconfig install-cni writes for the plugin (its own renderer when it has one): the
     service-account token and the cluster CA inline."""

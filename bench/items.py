@@ -38,6 +38,19 @@ from .stats import summary
 CLASSIC_ARGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
                 "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]  # fmt: skip
 INIT_ARGS = [*CLASSIC_ARGS, "--dual-stack", "--enable-ipv6"]
+# The pod's address for the injector's command line, which has IPv6 detected from the namespace.
+POD_ADDRESS = "10.244.0.5/24"
+
+
+def injector_args(repo: Path) -> list[str]:
+    """istio-init's arguments exactly as deploy/examples/meshed-pod-init.yaml gives them."""
+    import yaml
+
+    pod = yaml.safe_load((repo / "deploy" / "examples" / "meshed-pod-init.yaml").read_text())
+    (init,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init"]
+    return [str(a) for a in init["args"]]
+
+
 CLASSIC = Config(
     proxy_port=15001,
     inbound_capture_port=15006,
@@ -148,6 +161,8 @@ class Bench:
         self.server_url = f"https://127.0.0.1:{int(line)}"
         self.kubeconfig = self.work / "istio-cni.kubeconfig"
         fixtures.write_kubeconfig(self.kubeconfig, self.server_url, ca, self.token)
+        self.kubeconfig_kubectl = self.work / "kubectl.kubeconfig"
+        fixtures.write_kubectl_kubeconfig(self.kubeconfig_kubectl, self.server_url, ca, self.token)
         self.info["kubeconfig"] = fixtures.KUBECONFIG_SOURCE
 
         self.classic: Ruleset = plan(CLASSIC)
@@ -169,6 +184,10 @@ class Bench:
             self.reference = rules.dump(Namespaces.path(name))
         finally:
             self.ns.delete([name])
+        # The same rules for IPv4 only: what an IPv4 pod gets from the injector's command line.
+        self.reference_v4 = {**self.reference, "v6": {}}
+        self.injector_args = injector_args(self.repo)
+        self.info["injector_args"] = self.injector_args
         self.info["classic_rule_lines"] = rules.rule_count(self.reference)
 
         # The classic rules for native nftables, as the kernel holds them after a plain nft -f.
@@ -235,10 +254,11 @@ class Bench:
         exe: list[str] | None = None,
         log_level: str = "info",
         native_nftables: bool = False,
+        kubeconfig: Path | None = None,
     ) -> proc.Result:
         path = Namespaces.path(name)
         conf = fixtures.cni_config(
-            self.kubeconfig, path, log_level=log_level, native_nftables=native_nftables
+            kubeconfig or self.kubeconfig, path, log_level=log_level, native_nftables=native_nftables
         )
         env = fixtures.cni_env(command, path, pod, cid, self.cni_path)
         argv = exe or [str(self.venv_bin / "istio-cni")]
@@ -283,7 +303,7 @@ class Bench:
 
     def available(self, item: str) -> str:
         """'' when the item can run; otherwise why not."""
-        if item in ("cni", "cni_zipapp", "cni_selfcontained", "concurrency", "scale_add"):
+        if item in ("cni", "cni_zipapp", "cni_selfcontained", "cni_kubectl", "concurrency", "scale_add"):
             if importlib.util.find_spec("cni.plugin") is None:
                 return "cni/plugin.py does not exist yet"
             if not (self.venv_bin / "istio-cni").exists():
@@ -296,6 +316,8 @@ class Bench:
             return self.available("init")
         if item == "nftlib":
             return self._find_nftables_binding()
+        if item == "init_injector":
+            return self.available("init")
         if item == "init":
             for mod in ("istio_iptables.cli", "istio_iptables.apply"):
                 if importlib.util.find_spec(mod) is None:
@@ -458,6 +480,15 @@ class Bench:
             r = self._cni_run(command, name, pod, cid)
             self._record(f"cni.{command.lower()}", r, self._cni_result_ok(r))
 
+    def t_cni_kubectl(self, pool: list[str]) -> None:
+        """The ADD of t_cni with an ordinary YAML kubeconfig (kubectl's) instead of install-cni's."""
+        name = pool.pop()
+        r = self._cni_run(
+            "ADD", name, self._pod("pod-k"), fixtures.container_id(), kubeconfig=self.kubeconfig_kubectl
+        )
+        why = self._cni_result_ok(r) or self._check_rules(name, self.cni_reference)
+        self._record("cni.add_kubectl_kubeconfig", r, why)
+
     def t_cni_zipapp(self, pool: list[str]) -> None:
         if self.zipapp is None:
             return
@@ -529,6 +560,25 @@ class Bench:
             )
         self._record("nft.cni_add", r, why)
 
+    def t_init_injector(self, pool: list[str]) -> None:
+        """The init container with the injector's command line (no option of ours): IPv6 is
+        detected from the pod's addresses (an IPv4 pod here, so IPv4 rules), as on a node."""
+        name = pool.pop()
+        path = Namespaces.path(name)
+        pod_link = (
+            ["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+            ["addr", "add", POD_ADDRESS, "dev", "eth0"],
+            ["link", "set", "eth0", "up"],
+        )
+        for argv in pod_link:
+            made = proc.run(["ip", "-n", name, *argv])
+            if not made.ok:
+                raise RuntimeError(f"cannot give the pod its address: {made.describe()}")
+        exe = str(self.venv_bin / "istio-iptables")
+        r = self._run([exe, *self.injector_args, "--network-namespace", path])
+        why = "" if not r.ok else self._check_rules(name, self.reference_v4)
+        self._record("init.apply_injector", r, why)
+
     def t_init_nft(self, pool: list[str]) -> None:
         """The init container's apply and dry run of t_init with ``--native-nftables``."""
         name = pool.pop()
@@ -589,8 +639,11 @@ class Bench:
         if "cni" in self.items:
             tasks.append(("cni_zipapp", self.t_cni_zipapp, 1))
             tasks.append(("cni_selfcontained", self.t_cni_selfcontained, 1))
+            tasks.append(("cni_kubectl", self.t_cni_kubectl, 1))
         if "init" in self.items or nft:
             tasks.append(("init", self.t_init, 1))
+        if "init" in self.items:
+            tasks.append(("init_injector", self.t_init_injector, 1))
         if nft:
             tasks.append(("nft_init", self.t_init_nft, 1))
         if "old_way" in self.items:

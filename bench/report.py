@@ -73,6 +73,7 @@ def build(bench: Bench, planning: dict[str, Any] | None, breakdown: dict[str, An
             items["cni"]["zipapp_unavailable"] = bench.info.get("zipapp_unavailable", "not built")
         sst = bench.status.get("cni_selfcontained")
         items["cni"]["add_selfcontained"] = s.get("cni.add_selfcontained")
+        items["cni"]["add_kubectl_kubeconfig"] = s.get("cni.add_kubectl_kubeconfig")
         items["cni"]["selfcontained_version"] = bench.info.get("selfcontained_version")
         sfail = (
             (sst or {}).get("reason")
@@ -86,7 +87,12 @@ def build(bench: Bench, planning: dict[str, Any] | None, breakdown: dict[str, An
                 items["cni"][k] = bench.info[k]
     if "init" in bench.items:
         items["init"] = _group_status(bench, "init", ["init.apply", "init.dry_run"])
-        items["init"].update(apply=s.get("init.apply"), dry_run=s.get("init.dry_run"))
+        items["init"].update(
+            apply=s.get("init.apply"),
+            dry_run=s.get("init.dry_run"),
+            apply_injector=s.get("init.apply_injector"),
+            injector_args=bench.info.get("injector_args"),
+        )
         if "init_dry_run_equals_planner" in bench.info:
             items["init"]["dry_run_equals_planner"] = bench.info["init_dry_run_equals_planner"]
     if "old_way" in bench.items:
@@ -246,6 +252,18 @@ def _targets(bench: Bench, planning: dict[str, Any] | None) -> list[dict[str, An
     most = max(CIDR_COUNTS)
     nft_zero = rates.get(("nftables", 0))
     return [
+        _target(
+            f"init apply, the injector's command line <= {INIT_VS_PIECES} x (python -S + both restores)",
+            med("init.apply_injector"),
+            init_limit,
+            "ms",
+        ),
+        _target(
+            f"CNI ADD with kubectl's YAML kubeconfig <= {ADD_VS_FLOOR} x floor",
+            med("cni.add_kubectl_kubeconfig"),
+            None if floor is None else ADD_VS_FLOOR * floor,
+            "ms",
+        ),
         _target(
             f"CNI ADD median <= {ADD_VS_FLOOR} x floor",
             add,
@@ -572,6 +590,8 @@ def table(doc: dict[str, Any]) -> str:
             out.append(f"  {'ADD, install-cni zipapp':<46} FAILED: {c['zipapp_failure'][:300]}")
         elif c.get("add_zipapp"):
             out.append(_row("ADD, install-cni zipapp (python -S)", c["add_zipapp"]))
+        if c.get("add_kubectl_kubeconfig"):
+            out.append(_row("ADD with kubectl's YAML kubeconfig", c["add_kubectl_kubeconfig"]))
         if c.get("add_selfcontained"):
             out.append(_row("ADD, self-contained plugin (install-cni's)", c["add_selfcontained"]))
         elif c.get("selfcontained_failure"):
@@ -581,6 +601,7 @@ def table(doc: dict[str, Any]) -> str:
     if "init" in items:
         i = items["init"]
         out.append("3. istio-iptables (init container)" + _status_line(i))
+        out.append(_row("apply, the injector's command line (IPv4 pod)", i.get("apply_injector")))
         out.append(_row("apply --dual-stack into a fresh netns", i.get("apply")))
         out.append(_row("--dry-run", i.get("dry_run")))
     if "old_way" in items:

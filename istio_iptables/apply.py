@@ -27,7 +27,7 @@ import sys
 
 from . import backend as backends
 from . import state as st
-from .executor import CommandNotFound, RealExecutor, in_netns
+from .executor import CommandNotFound, RealExecutor, nsenter_argv
 from .lazylog import get_logger
 from .lean import TYPE_CHECKING
 from .netns import BUSY, Netns, NetnsError, open_netns
@@ -314,7 +314,7 @@ class _Target:
             raise ApplyError(f"network namespace {self.netns}: {first}", 1, NETNS)
 
     def save(self, b: backends.Backend) -> Completed:
-        return self._run(in_netns(self.cmd_netns, [b.save]))
+        return self._run(nsenter_argv(self.cmd_netns, [b.save]))
 
     def restore(self, b: backends.Backend, doc: str) -> Completed:
         return self.start_restore(b, doc)()
@@ -340,7 +340,7 @@ class _Target:
             net = ["--net", self.cmd_netns] if self.cmd_netns else []
             argv = [*_nsexec_argv(), *net, "--local-lookups", "--", *cmd]
         else:
-            argv = in_netns(self.cmd_netns, cmd)
+            argv = nsenter_argv(self.cmd_netns, cmd)
         finish = self._start(argv, stdin=doc, env=env)
 
         def wait() -> Completed:
@@ -487,7 +487,7 @@ def _known_for_rollback(target: _Target, fam: _Family) -> st.Known | None:
     cannot be learned: then every rule added since counts as ours, so that none of ours stays."""
     if fam.known is not None or fam.expected is None:
         return fam.known or {}
-    sections = fam.sections or st.parse_restore(_render(fam.expected))
+    sections = fam.sections or st.planned_sections(fam.expected)
     if not any(_plain_builtin_rule(t, ln) for t, sec in sections.items() for ln in sec.lines):
         return {}
     fam.sections = sections
@@ -670,7 +670,7 @@ def _apply(target: _Target, rs: Ruleset, opts: ApplyOptions) -> None:
     for fr in rs.families:
         fam = _open(target, fr.family, opts.force_iptables_binary, fr, required=True)
         assert fam is not None
-        fam.sections = st.parse_restore(_render(fr))
+        fam.sections = st.planned_sections(fr)
         families.append(fam)
     present = [not st.find_ours(f.before).empty or bool(f.stale) for f in families]
     if rs.v6 is None and (any(present) or opts.reconcile or opts.force_apply):
@@ -804,7 +804,7 @@ def _removal(target: _Target, fam: _Family) -> None:
     if fam.expected is not None:
         # The planned rules in built-in chains that do not jump to ours can only be recognised
         # in iptables-save's spelling: load their check copies when such chains hold anything.
-        fam.sections = st.parse_restore(_render(fam.expected))
+        fam.sections = st.planned_sections(fam.expected)
         pairs = {
             (t, ln.split()[1])
             for t, sec in fam.sections.items()

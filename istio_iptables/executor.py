@@ -1,6 +1,6 @@
 """The one seam through which every external command runs: a real executor and a recording one.
 
-Commands are argv lists, never shell strings. ``in_netns`` prefixes util-linux ``nsenter --net=PATH
+Commands are argv lists, never shell strings. ``nsenter_argv`` prefixes util-linux ``nsenter --net=PATH
 --`` where only the child should run in another network namespace (the applier instead enters the
 namespace itself for its run, see apply.py).
 
@@ -63,7 +63,7 @@ else:
         checkers; tests pass their own)."""
 
 
-def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
+def nsenter_argv(netns: str | None, argv: Sequence[str]) -> list[str]:
     """Prefix ``argv`` so it runs inside the network namespace at ``netns`` (no-op for None)."""
     if not netns:
         return list(argv)

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import re
     from collections.abc import Callable, Iterable, Mapping
 
+    from .ruleset import FamilyRules
+
 OUR_CHAINS = frozenset(ISTIO_CHAINS)
 CHECK_PREFIX = "ISTIO_CHK_"
 _JUMP_FLAGS = frozenset({"-j", "--jump", "-g", "--goto"})
@@ -390,6 +392,13 @@ class Section:
 
     def __repr__(self) -> str:
         return f"Section(chains={self.chains!r}, lines={self.lines!r})"
+
+
+def planned_sections(fr: FamilyRules) -> dict[str, Section]:
+    """What each table of a planned family should hold, as the rendered document says it (the
+    chains it creates, its rule lines): the same values ``parse_restore(render_family(fr))`` gives,
+    taken from the rules themselves."""
+    return {t: Section(fr.new_chains(t), [r.restore_line() for r in fr.rules_of(t)]) for t in fr.tables()}
 
 
 def parse_restore(doc: str) -> dict[str, Section]:

@@ -60,6 +60,8 @@ def test_every_measurement_has_figures(quick_run) -> None:
         items["cni"]["del"],
         items["cni"]["add_zipapp"],
         items["cni"]["add_selfcontained"],
+        items["cni"]["add_kubectl_kubeconfig"],
+        items["init"]["apply_injector"],
         items["init"]["apply"],
         items["init"]["dry_run"],
         items["old_way"]["apply"],
@@ -79,7 +81,7 @@ def test_every_measurement_has_figures(quick_run) -> None:
     conc = items["concurrency"]
     assert conc["failures"] == 0 and conc["concurrency"] == 3 and conc["latency"]["n"] == 3
     assert {t["result"] for t in doc["targets"]} <= {"PASS", "FAIL"}
-    assert len(doc["targets"]) == 9
+    assert len(doc["targets"]) == 11
 
 
 def test_native_nftables_runs_beside_iptables(quick_run) -> None:

@@ -35,14 +35,14 @@ from cni.pod import (
     pod_info,
     skip_reason,
 )
+from conformance_data import CONFORMANCE
 from istio_iptables.config import CidrSpec, ConfigError, InterceptionMode, PortSpec
 from istio_iptables.planner import plan
 from istio_iptables.render import render_dry_run
 from kubeapi import meshed_pod, pod_from_case, pod_object
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFORMANCE = ROOT.parent / "shared" / "conformance"
-CNI_CASES = json.loads((CONFORMANCE / "cni_cases.json").read_text()) if CONFORMANCE.is_dir() else []
+CNI_CASES = json.loads((CONFORMANCE / "cni_cases.json").read_text())
 V4 = [ipaddress.ip_address("10.244.1.5")]
 
 
@@ -313,7 +313,6 @@ def compare(expected: Path, actual_text: str, tmp_path: Path) -> subprocess.Comp
     )
 
 
-@pytest.mark.skipif(not CNI_CASES, reason="../shared/conformance is not present")
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", CNI_CASES, ids=[c["name"] for c in CNI_CASES])
 def test_cni_case_dry_run_matches_istio(case: dict[str, Any], tmp_path: Path) -> None:

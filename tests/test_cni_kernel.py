@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cni.protocol import SUPPORTED_VERSIONS
+from conformance_data import CONFORMANCE
 from kubeapi import (
     KubeAPIServer,
     Pki,
@@ -33,8 +34,7 @@ from nsutil import NetNS, flocked, veth_pair
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFORMANCE = ROOT.parent / "shared" / "conformance"
-CNI_CASES = json.loads((CONFORMANCE / "cni_cases.json").read_text()) if CONFORMANCE.is_dir() else []
+CNI_CASES = json.loads((CONFORMANCE / "cni_cases.json").read_text())
 TOKEN = "kernel-test-token"
 NS = "shop"
 
@@ -77,7 +77,6 @@ def add(exe: Path, ns: NetNS, conf: dict[str, Any], namespace: str, name: str) -
     return run_plugin(exe, "ADD", conf, netns=ns.path, args=k8s_args(namespace, name))
 
 
-@pytest.mark.skipif(not CNI_CASES, reason="../shared/conformance is not present")
 @pytest.mark.parametrize("case", CNI_CASES, ids=[c["name"] for c in CNI_CASES])
 def test_cni_case_installs_istios_rules(
     case: dict[str, Any],
@@ -465,7 +464,6 @@ def nft_ruleset(ns: NetNS) -> list[str]:
     return [re.sub(r"counter packets \d+ bytes \d+", "counter", ln) for ln in out.splitlines()]
 
 
-@pytest.mark.skipif(not CNI_CASES, reason="../shared/conformance is not present")
 @pytest.mark.parametrize("case", CNI_CASES, ids=[c["name"] for c in CNI_CASES])
 def test_cni_case_with_native_nftables_installs_what_istio_iptables_does(
     case: dict[str, Any],
@@ -486,7 +484,9 @@ def test_cni_case_with_native_nftables_installs_what_istio_iptables_does(
     api.add_pod(obj)
     ns = netns("cni-nft")
     prev = prev_result("1.0.0", netns=ns.path)
-    run = add(exe, ns, netconf(kubeconfig, prev_result=prev, native_nftables=True), pod["namespace"], pod["name"])
+    run = add(
+        exe, ns, netconf(kubeconfig, prev_result=prev, native_nftables=True), pod["namespace"], pod["name"]
+    )
     assert run.code == 0, f"{run.stdout}\n{run.stderr}"
     assert "nftables" in run.stderr
     assert not istio_lines(ns) and not istio_lines(ns, "ip6tables-save"), "no iptables rules at all"
@@ -497,7 +497,11 @@ def test_cni_case_with_native_nftables_installs_what_istio_iptables_does(
     args, env = cli_args(build_config(pod_info(obj), [ipaddress.ip_address("10.244.1.5")]).config)
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **env}
     dry = subprocess.run(
-        [str(venv_bin / "istio-iptables"), *args, "--dry-run"], env=env, capture_output=True, text=True, check=True
+        [str(venv_bin / "istio-iptables"), *args, "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     (tmp_path / "cli.rules").write_text(dry.stdout)
     r = subprocess.run(
@@ -507,7 +511,9 @@ def test_cni_case_with_native_nftables_installs_what_istio_iptables_does(
         text=True,
         check=False,
     )
-    assert r.returncode == 0, f"the equivalent options are not Istio's configuration for the case:\n{r.stdout}"
+    assert r.returncode == 0, (
+        f"the equivalent options are not Istio's configuration for the case:\n{r.stdout}"
+    )
     other = netns("cli-nft")
     p = subprocess.run(
         [str(venv_bin / "istio-iptables"), *args, "--native-nftables", f"--network-namespace={other.path}"],

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFORMANCE = ROOT.parent / "shared" / "conformance"
-CASES = json.loads((CONFORMANCE / "capture_cases.json").read_text()) if CONFORMANCE.is_dir() else []
+from conformance_data import CONFORMANCE
 
-pytestmark = pytest.mark.skipif(not CASES, reason="../shared/conformance is not present")
+ROOT = Path(__file__).resolve().parent.parent
+CASES = json.loads((CONFORMANCE / "capture_cases.json").read_text())
+
 
 # Istio's owner-group cases name groups that a plain Debian machine does not have.
 EXTRA_GROUPS = ["--extra-group", "java:30001", "--extra-group", "ftp:30002"]
@@ -89,3 +89,23 @@ def test_nftables_case(case: dict, tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+
+
+def test_the_copy_is_the_published_cases() -> None:
+    """tests/data/conformance is a copy of ../shared/conformance (ORIGIN.md): when the published
+    cases are there, the copy must be them, file for file."""
+    from conformance_data import COPY, PUBLISHED
+
+    if not PUBLISHED.is_dir():
+        return  # nothing to compare with; the tests run on the copy
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+
+    copy = files(COPY)
+    copy.pop("ORIGIN.md")
+    assert copy == files(PUBLISHED), "refresh the copy: cp -r ../shared/conformance tests/data/"

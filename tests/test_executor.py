@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from istio_iptables import executor as ex
-from istio_iptables.executor import CommandNotFound, Completed, RealExecutor, RecordingExecutor, in_netns
+from istio_iptables.executor import CommandNotFound, Completed, RealExecutor, RecordingExecutor, nsenter_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Bounds every run that could hang if the executor deadlocked: the test then fails with 124.
@@ -430,10 +430,10 @@ def test_completed_is_an_immutable_record() -> None:
         c.returncode = 1  # type: ignore[misc]
 
 
-def test_in_netns() -> None:
-    assert in_netns(None, ("ip", "a")) == ["ip", "a"]
-    assert in_netns("", ["ip"]) == ["ip"]
-    assert in_netns("/var/run/netns/p", ["ip", "a"]) == ["nsenter", "--net=/var/run/netns/p", "--", "ip", "a"]
+def test_nsenter_argv() -> None:
+    assert nsenter_argv(None, ("ip", "a")) == ["ip", "a"]
+    assert nsenter_argv("", ["ip"]) == ["ip"]
+    assert nsenter_argv("/var/run/netns/p", ["ip", "a"]) == ["nsenter", "--net=/var/run/netns/p", "--", "ip", "a"]
 
 
 def test_recording_executor_records_and_answers() -> None:

@@ -195,3 +195,13 @@ def test_any_config_gives_a_consistent_ruleset(cfg: Config) -> None:
                 for i, arg in enumerate(r.matches):
                     if r.matches[i - 1] in ("-d", "-s") and i > 0:
                         assert other not in arg, f"{fr.family}: {r.restore_line()}"
+
+
+@given(configs)
+def test_planned_sections_are_what_the_rendered_document_says(cfg: Config) -> None:
+    # The applier compares the planned rules as values; they must be exactly what the document
+    # it loads (and --dry-run prints) holds.
+    from istio_iptables import state
+
+    for fr in plan(cfg).families:
+        assert state.planned_sections(fr) == state.parse_restore(render_family(fr))
