@@ -96,7 +96,7 @@ def write_tls(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-KUBECONFIG_SOURCE = "cni.install.render_kubeconfig"
+KUBECONFIG_SOURCE = "cni.install.kubeconfig.render_kubeconfig"
 
 
 def write_kubectl_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None:
@@ -131,11 +131,11 @@ def write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None
     service-account token and the cluster CA inline."""
     global KUBECONFIG_SOURCE
     try:
-        from cni.install import render_kubeconfig
+        from cni.install.kubeconfig import render_kubeconfig
 
         data = render_kubeconfig(server, ca_file.read_bytes(), token)
     except (ImportError, AttributeError, TypeError):
-        KUBECONFIG_SOURCE = "bench (cni.install.render_kubeconfig unavailable)"
+        KUBECONFIG_SOURCE = "bench (cni.install.kubeconfig.render_kubeconfig unavailable)"
         doc = {
             "apiVersion": "v1",
             "kind": "Config",

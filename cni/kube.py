@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from istio_iptables.lean import TYPE_CHECKING, NamedTuple
+from istio_iptables.startup import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import socket

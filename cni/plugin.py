@@ -51,8 +51,8 @@ from cni.protocol import (
     render_result,
     version_info,
 )
-from istio_iptables.lazylog import escape_controls
-from istio_iptables.lean import exit_now
+from istio_iptables import logsink
+from istio_iptables.startup import exit_now
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
     from istio_iptables.config import Config
     from istio_iptables.executor import Executor
+    from istio_iptables.logsink import Sink
     from istio_iptables.netns import Netns
 
 ABOUT = "istio-cni: the chained CNI plugin that installs the mesh's traffic capture rules in meshed pods"
@@ -67,69 +68,17 @@ K8S_ARGS = frozenset({"K8S_POD_NAME", "K8S_POD_NAMESPACE", "K8S_POD_INFRA_CONTAI
 # The plugin's own node DaemonSet names its pods like this.
 NODE_POD_PREFIX = "istio-cni-node-"
 
-_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "fatal": 50, "none": 100}
+PROGRAM = "istio-cni"  # the program field of its log lines
 
 
-def _route_applier_logs(log: Log) -> None:
-    """The applier's records (backend choice, drift, warnings) go to this plugin's log too."""
-    from istio_iptables import lazylog
-
-    writers = {"debug": log.debug, "info": log.info, "warning": log.warn, "error": log.error}
-    lazylog.set_sink(lambda level, msg: writers[level](msg))
-
-
-class Log:
-    """A tiny leveled logger to stderr and, optionally, a file (the logging module costs start-up)."""
-
-    def __init__(
-        self, stream: IO[str], level: str = "info", path: str | None = None, scope: str = ""
-    ) -> None:
-        self.stream = stream
-        self.threshold = _LEVELS.get(level.lower(), 20)
-        self.scope = scope
-        self.file: IO[str] | None = None
-        self.file_error: str | None = None
-        if path:
-            try:
-                self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
-            except OSError as e:
-                self.file_error = f"cannot open log file {path}: {e.strerror}"
-            except ValueError as e:  # a NUL in the path: no file has such a name
-                self.file_error = f"cannot open log file {path}: {e}"
-
-    def scoped(self, scope: str) -> Log:
-        other = Log(self.stream)
-        other.threshold, other.file, other.scope = self.threshold, self.file, scope
-        return other
-
-    def _write(self, level: str, value: int, msg: str) -> None:
-        if value < self.threshold:
-            return
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
-        # The scope and the message carry pod names, paths and command output: escaped, each
-        # record stays one line of tab-separated fields whatever they hold.
-        scope = f"\t{escape_controls(self.scope)}" if self.scope else ""
-        line = f"{stamp}\t{level}\tistio-cni{scope}\t{escape_controls(msg)}\n"
-        for out in (self.stream, self.file):
-            if out is not None:
-                try:
-                    out.write(line)
-                    out.flush()
-                except (OSError, ValueError):  # a closed stream: the record is lost, not the call
-                    pass
-
-    def debug(self, msg: str) -> None:
-        self._write("debug", 10, msg)
-
-    def info(self, msg: str) -> None:
-        self._write("info", 20, msg)
-
-    def warn(self, msg: str) -> None:
-        self._write("warn", 30, msg)
-
-    def error(self, msg: str) -> None:
-        self._write("error", 40, msg)
+def _open_log(stderr: IO[str], conf: PluginConf) -> Sink:
+    """The plugin's log at the configured level: stderr and, when the configuration names one,
+    a file (istio_iptables.logsink: Istio's lines, the ``logging`` module costs start-up)."""
+    file, why = logsink.open_log_file(conf.log_file) if conf.log_file else (None, None)
+    log = logsink.Sink(logsink.level_number(conf.log_level), program=PROGRAM, stream=stderr, file=file)
+    if why:
+        log.warn(why)
+    return log
 
 
 class PluginConf(NamedTuple):
@@ -156,7 +105,7 @@ class PluginConf(NamedTuple):
             *_str_list(kube, "exclude_namespaces", "kubernetes."),
         ]
         level = _opt_str(raw, "plugin_log_level") or _opt_str(raw, "log_level") or "info"
-        if level.lower() not in _LEVELS:
+        if level.lower() not in logsink.LEVELS:
             raise _bad_key("plugin_log_level", level, "one of debug, info, warn, error, none")
         return cls(
             cni_version=version,
@@ -219,7 +168,7 @@ class Call(NamedTuple):
     inv: Invocation
     raw: dict[str, Any]
     conf: PluginConf
-    log: Log
+    log: Sink
     executor: Executor | None = None
 
 
@@ -288,21 +237,20 @@ def _add(call: Call, ns: Netns) -> None:
         log.info(f"{reason}, passing through")
         return
     from istio_iptables.config import ConfigError
-    from istio_iptables.lazylog import shown
 
     try:
         capture = build_config(info, _pod_addresses(call, ns))
     except ConfigError as e:
         # Nothing has been installed: the pod does not start without its rules.
-        raise CniError(
-            ERR_INTERNAL, f"pod {namespace}/{name}: invalid {e.source} value {shown(e.value)}", e.reason
-        ) from None
+        value = logsink.shown(e.value)
+        what = f"pod {namespace}/{name}: invalid {e.source} value {value}"
+        raise CniError(ERR_INTERNAL, what, e.reason) from None
     for note in capture.notes:
         log.warn(note)
     _install(call, capture.config, log, ns)
 
 
-def _read_pod(conf: PluginConf, namespace: str, name: str, log: Log) -> dict[str, Any] | None:
+def _read_pod(conf: PluginConf, namespace: str, name: str, log: Sink) -> dict[str, Any] | None:
     """The Pod from the API, or None for our own istio-cni-node pod when the API cannot be used."""
     from cni.kube import KubeError, RetryPolicy, fetch_pod
 
@@ -390,7 +338,7 @@ _APPLY_CODES = {
 }
 
 
-def _install(call: Call, config: Config, log: Log, ns: Netns) -> None:
+def _install(call: Call, config: Config, log: Sink, ns: Netns) -> None:
     from istio_iptables.apply import ApplyError, apply
     from istio_iptables.config import ApplyOptions
 
@@ -482,11 +430,9 @@ def run(
     """One plugin invocation; returns the exit status. Only the result or error goes to stdout,
     as one JSON document written when the call is done (``stdin`` or ``stdout`` None: the runtime
     closed it)."""
-    from istio_iptables import lazylog
-
-    log = Log(stderr)
+    log = logsink.Sink(program=PROGRAM, stream=stderr)
     version = LATEST_VERSION  # for an error reported before the configuration is read
-    previous_sink = lazylog.get_sink()
+    previous_sink = logsink.get_sink()
     code, doc = 0, None
     try:
         if not environ.get("CNI_COMMAND"):
@@ -520,10 +466,9 @@ def run(
                     raise
                 # DEL and friends must not fail on a key they do not use.
                 conf = PluginConf(cni_version=version)
-            log = Log(stderr, conf.log_level, conf.log_file)
-            if log.file_error:
-                log.warn(log.file_error)
-            _route_applier_logs(log)
+            log = _open_log(stderr, conf)
+            # The applier's records (backend choice, drift, warnings) go to this log too.
+            logsink.set_sink(log)
             call = Call(inv=inv._replace(stdin=data), raw=raw, conf=conf, log=log, executor=executor)
             doc = HANDLERS[inv.command](call)
     except CniError as e:
@@ -537,7 +482,7 @@ def run(
         doc = CniError(ERR_INTERNAL, f"istio-cni internal error: {type(e).__name__}: {e}").to_json(version)
     finally:
         # In-process callers (tests) find the applier's records going where they went before.
-        lazylog.set_sink(previous_sink)
+        logsink.set_sink(previous_sink)
     if doc is not None:
         try:
             if stdout is None:

@@ -8,7 +8,7 @@ Annotation values are untrusted: each one goes through the same validating parse
 
 from __future__ import annotations
 
-from istio_iptables.lean import TYPE_CHECKING, NamedTuple
+from istio_iptables.startup import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ipaddress

@@ -2,9 +2,10 @@
 passes, version negotiation, result conversion between spec versions, and the error object.
 
 This module is on every ``istio-cni`` start, so it imports only ``json`` at module level (besides
-``os``, loaded with the interpreter, and ``istio_iptables.lazylog``, which needs nothing more than
-``lean``): no ``typing`` (NamedTuple classes come from ``istio_iptables.lean``), no
-``dataclasses`` (it pulls in ``inspect``), and ``ipaddress`` only where an address is read.
+``os``, loaded with the interpreter, and ``istio_iptables.logsink``, which needs nothing more than
+``istio_iptables.startup``): no ``typing`` (NamedTuple classes come from
+``istio_iptables.startup``), no ``dataclasses`` (it pulls in ``inspect``), and ``ipaddress`` only
+where an address is read.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 
-from istio_iptables.lazylog import shown
-from istio_iptables.lean import TYPE_CHECKING, NamedTuple
+from istio_iptables.logsink import shown
+from istio_iptables.startup import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import ipaddress

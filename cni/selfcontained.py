@@ -384,7 +384,7 @@ def install(template: Path, bin_dir: Path, host_bin_dir: str) -> tuple[str, bool
     except OSError:
         current = None
     if current != launcher:
-        from cni.install import atomic_write
+        from cni.install.files import atomic_write
 
         atomic_write(path, launcher, 0o755)
         wrote = True

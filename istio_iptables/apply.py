@@ -28,10 +28,10 @@ import sys
 from . import backend as backends
 from . import state as st
 from .executor import CommandNotFound, RealExecutor, nsenter_argv
-from .lazylog import get_logger
-from .lean import TYPE_CHECKING
+from .logsink import get_logger
 from .netns import BUSY, Netns, NetnsError, open_netns
 from .ruleset import BUILTIN_CHAINS, Family
+from .startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

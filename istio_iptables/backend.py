@@ -8,9 +8,9 @@ so the choice and its reason are always logged.
 
 from __future__ import annotations
 
-from .lazylog import get_logger
-from .lean import TYPE_CHECKING, NamedTuple
+from .logsink import get_logger
 from .ruleset import Family
+from .startup import TYPE_CHECKING, NamedTuple
 from .state import holds_rules, parse_save
 from .tools import find as path_which
 

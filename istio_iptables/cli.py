@@ -7,22 +7,21 @@ Arguments are read the way Istio's Go flag parser (pflag) reads them: ``--flag v
 click is imported only for ``--help`` and for usage errors: once normalize_argv has rewritten the
 arguments as ``--name=value``, reading them needs no parser, and the start-up of every pod's
 init container does not pay for one. Nor for ``logging`` (with what it imports, a few ms): while
-a command runs, its records and the applier's go through a lazylog sink that writes Istio's log
-lines itself (see _IstioLog).
+a command runs, its records and the applier's go through its logsink.Sink, which writes Istio's
+log lines itself.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 
-from . import lazylog
+from . import logsink
 from .config import ConfigError
 from .environment import DetectionError, RealMachine
-from .lean import TYPE_CHECKING, exit_now
 from .netns import NetnsError
 from .options import BY_KEY, BY_SHORT, ENV_ONLY, FLAGS, Kind, load, log_settings
+from .startup import TYPE_CHECKING, exit_now
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -33,12 +32,12 @@ if TYPE_CHECKING:
     from .config import ApplyOptions, Config
     from .environment import Machine
     from .netns import Netns
-    from .options import LogSettings, OptionDef
+    from .options import OptionDef
 
 PROG_IPTABLES = "istio-iptables"
 PROG_CLEAN = "istio-clean-iptables"
 
-_log = lazylog.get_logger("istio_iptables")
+_log = logsink.get_logger("istio_iptables")
 _NEGATIONS = {o.negation: o for o in FLAGS if o.negation}
 
 
@@ -206,62 +205,8 @@ _SUMMARIES = {
 }
 
 
-# lazylog's level names: their number (as LogSettings.level counts them, like ``logging``) and
-# the name Istio's log line gives them.
-_LEVELS = {"debug": (10, "debug"), "info": (20, "info"), "warning": (30, "warn"), "error": (40, "error")}
-
-
-class _IstioLog:
-    """The lazylog sink a command's records go to while it runs: those at or above the configured
-    level, as Istio's log line ``<RFC3339 time>\\t<level>\\t<message>`` (or one JSON object per
-    line), written to whatever sys.stderr is at the time (tests swap it)."""
-
-    __slots__ = ("threshold", "as_json")
-
-    def __init__(self, settings: LogSettings) -> None:
-        self.threshold = settings.level
-        self.as_json = settings.json
-
-    def __call__(self, level: str, msg: str) -> None:
-        value, name = _LEVELS.get(level, (40, level))
-        if value < self.threshold:
-            return
-        when = _rfc3339(time.time())
-        # One record, one line, in either format: nothing from outside (a path, a name, a
-        # command's output) can start a line or drive a terminal. The iptables-restore document
-        # the applier logs becomes one line too, which log collectors keep as one record
-        # (--dry-run prints it as it is). JSON carries the same escaped text, so that
-        # ``jq -r .msg`` is as safe to read as the text line.
-        msg = lazylog.escape_controls(msg)
-        if self.as_json:
-            import json
-
-            line = json.dumps({"level": name, "time": when, "msg": msg})
-        else:
-            line = f"{when}\t{name}\t{msg}"
-        # A log line that cannot be written (stderr closed or gone) must not fail the command;
-        # logging's handlers swallow that too. contextlib.suppress would be one more import.
-        try:  # noqa: SIM105
-            sys.stderr.write(line + "\n")
-        except Exception:  # pragma: no cover
-            pass
-
-
-def _rfc3339(created: float) -> str:
-    """``created`` as UTC with microseconds, rounded as ``datetime.fromtimestamp`` rounds them
-    (datetime itself is not needed for that, nor math: ``created - int(created)`` is exactly the
-    fraction math.modf would give)."""
-    whole = int(created)
-    micros = round((created - whole) * 1e6)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    elif micros < 0:
-        whole, micros = whole - 1, micros + 1_000_000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
-
-
 def _error(message: str) -> None:
-    sys.stderr.write("Error: " + lazylog.escape_controls(" ".join(str(message).split())) + "\n")
+    sys.stderr.write("Error: " + logsink.escape_controls(" ".join(str(message).split())) + "\n")
 
 
 def _describe(cfg: Config, opts: ApplyOptions) -> str:
@@ -295,11 +240,11 @@ def parse(
     """Parse the command line and environment: the configuration, or an exit status (0 after
     --help, 1 after printing the one-line error). Its log records go to stderr as the logging
     options say, as in ``run``."""
-    previous = lazylog.get_sink()
+    previous = logsink.get_sink()
     try:
         return _parse(prog, argv, env, machine)
     finally:
-        lazylog.set_sink(previous)
+        logsink.set_sink(previous)
 
 
 def _parse(
@@ -321,7 +266,9 @@ def _parse(
             return parsed
         values, positional = parsed
     try:
-        lazylog.set_sink(_IstioLog(log_settings(values, env)))
+        settings = log_settings(values, env)
+        # Records at or above the configured level, to whatever sys.stderr is at the time.
+        logsink.set_sink(logsink.Sink(settings.level, as_json=settings.json))
         cfg, opts = load(values, env, machine)
     except (ConfigError, DetectionError) as e:
         _error(str(e))
@@ -359,8 +306,8 @@ def run(
     machine: Machine | None = None,
 ) -> int:
     """One invocation of ``prog``; returns the exit status. Its log records, and the applier's, go
-    to stderr as the logging options say; the previous lazylog sink is back when it returns."""
-    previous = lazylog.get_sink()
+    to stderr as the logging options say; the previous sink is back when it returns."""
+    previous = logsink.get_sink()
     real = RealMachine() if machine is None else None
     try:
         parsed = _parse(prog, argv, env, machine or real)
@@ -373,7 +320,7 @@ def run(
     finally:
         if real is not None:
             real.close()
-        lazylog.set_sink(previous)
+        logsink.set_sink(previous)
 
 
 def _target(real: RealMachine | None, opts: ApplyOptions) -> Netns | None:

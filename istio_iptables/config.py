@@ -5,7 +5,7 @@ Everything is parsed and validated once, here; errors name the option or variabl
 
 from __future__ import annotations
 
-from .lean import TYPE_CHECKING, Enum, NamedTuple
+from .startup import TYPE_CHECKING, Enum, NamedTuple
 
 # ``ipaddress`` (with the functools and collections it loads, about 5 ms) is imported only where
 # an address or range is actually parsed: the default command line of a pod start has none.
@@ -122,7 +122,7 @@ class ApplyOptions(NamedTuple):
 
 # No ``re`` here: these parsers run on every pod start, and ``re`` (with ``enum``) is a large
 # share of the start-up imports. The small grammars below are checked by hand.
-from .lazylog import get_logger, shown  # noqa: E402
+from .logsink import get_logger, shown  # noqa: E402
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})

@@ -5,8 +5,8 @@ resolv.conf). ``Machine`` is the seam; tests pass their own.
 
 from __future__ import annotations
 
-from .lazylog import get_logger
-from .lean import TYPE_CHECKING
+from .logsink import get_logger
+from .startup import TYPE_CHECKING
 
 # ``ipaddress`` is imported where addresses are read (IPv6 detection, DNS servers), not here.
 if TYPE_CHECKING:

@@ -13,18 +13,14 @@ loads ``signal``, ``threading``, ``selectors`` and ``locale``): it starts childr
 from __future__ import annotations
 
 import os
+import select
 import time
 
-from .lean import TYPE_CHECKING, NamedTuple
+from .startup import SIGKILL, SIGPIPE, SIGXFSZ, TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
-    from signal import SIGKILL, SIGPIPE, SIGXFSZ
     from typing import Protocol
-else:
-    # The C half of ``signal``, which the interpreter has loaded already (``signal`` itself
-    # imports ``enum``). Type checkers read the same names from ``signal``.
-    from _signal import SIGKILL, SIGPIPE, SIGXFSZ
 
 
 class Completed(NamedTuple):
@@ -183,8 +179,6 @@ class Running:
             self._abandon()
 
     def _wait(self) -> Completed:
-        import select  # deferred: a --dry-run usually runs no command
-
         args, opened, deadline = self.args, self.opened, self.deadline
         poller = select.poll()
         chunks: dict[int, list[bytes]] = {self.out_r: [], self.err_r: []}
@@ -319,8 +313,6 @@ def _reap_by(pid: int, deadline: float) -> int | None:
     pidfds are missing (Linux before 5.3, or a seccomp filter that refuses them) this checks
     with growing pauses, as subprocess does when it waits with a timeout.
     """
-    import select
-
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:

@@ -12,18 +12,16 @@ The socket must belong to the target namespace: a socket stays bound to the name
 created in. ``entered(netns)`` moves the calling thread into a namespace and back again (``setns``
 changes only the calling thread, and the processes it spawns meanwhile start there), so the applier
 can run its netlink requests and its iptables-restore children inside the pod's namespace without
-an ``nsenter`` process per command. ``_socket`` rather than ``socket``: this module is on every pod
-start and needs none of the Python wrapper (which imports ``selectors`` and ``enum``).
+an ``nsenter`` process per command. ``socket`` is startup.socket, ``_socket`` (see there).
 """
 
 from __future__ import annotations
 
-import _socket as socket
 import errno
 import os
 import struct
 
-from .lean import TYPE_CHECKING, NamedTuple
+from .startup import TYPE_CHECKING, NamedTuple, socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable

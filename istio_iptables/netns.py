@@ -16,19 +16,16 @@ reads a half-committed state.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 
-from .lean import TYPE_CHECKING
+from .startup import TYPE_CHECKING, get_errno, libc_function
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 CLONE_NEWNET = 0x40000000
-# fcntl.h (the fcntl module costs an import on every pod start; these never change on Linux).
-_LOCK_EX = 2
-_LOCK_NB = 4
-_LOCK_UN = 8
 
 # NetnsError kinds
 MISSING = "missing"  # no such file
@@ -49,57 +46,14 @@ class NetnsError(OSError):
         return self.message
 
 
-_flock: Callable[[int, int], None] | None = None
-
-
-def _lock_call(fd: int, op: int) -> None:
-    global _flock
-    if _flock is None:
-        import fcntl  # deferred: only an apply locks
-
-        _flock = fcntl.flock
-    _flock(fd, op)
-
-
-_libc_setns: Callable[[int, int], int] | None = None
-
-
-def _bind_setns() -> Callable[[int, int], int]:
-    """libc's ``setns``, bound through ``_ctypes`` (the C half of ``ctypes``) the way
-    ``ctypes.CDLL(None, use_errno=True).setns`` binds it: the ``ctypes`` package itself costs
-    every pod start about 1-2 ms more. Any surprise there falls back to ``ctypes``."""
-    try:
-        import _ctypes
-
-        class _Int(_ctypes._SimpleCData):  # ctypes.c_int
-            _type_ = "i"
-
-        class _Function(_ctypes.CFuncPtr):  # a CDLL function with use_errno=True
-            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
-            _restype_ = _Int
-
-        program = _ctypes.dlopen(None, 0)  # type: ignore[arg-type]  # dlopen(NULL): this program and libc
-        function: Callable[[int, int], int] = _Function(_ctypes.dlsym(program, "setns"))
-        return function
-    except Exception:  # noqa: BLE001 - the plain ctypes binding below does the same job
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).setns
-
-
 def setns(fd: int) -> None:
     """Move the calling thread into the network namespace open at ``fd``. Raises OSError."""
-    global _libc_setns
     call = getattr(os, "setns", None)  # Python 3.12+
     if call is not None:
         call(fd, CLONE_NEWNET)
         return
-    if _libc_setns is None:
-        _libc_setns = _bind_setns()
-    if _libc_setns(fd, CLONE_NEWNET) != 0:
-        import _ctypes
-
-        err = int(_ctypes.get_errno())
+    if libc_function("setns")(fd, CLONE_NEWNET) != 0:
+        err = get_errno()
         raise OSError(err, os.strerror(err))
 
 
@@ -148,7 +102,7 @@ class Netns:
         pause = 0.001
         while True:
             try:
-                _lock_call(self.fd, _LOCK_EX | _LOCK_NB)
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 left = deadline - time.monotonic()
@@ -171,7 +125,7 @@ class Netns:
             return
         self.locked = False
         os.set_inheritable(self.fd, False)
-        _lock_call(self.fd, _LOCK_UN)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self.fd >= 0:

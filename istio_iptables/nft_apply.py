@@ -17,7 +17,7 @@ The contract is the iptables applier's (apply.py), with nftables' own means:
 
 ``nft`` is the binary on PATH (the init image carries it); a missing one is a clear error, never a
 fall-back to iptables. Measured against Debian's libnftables binding (python3-nftables), running
-the binary costs no more per pod and needs no library in the interpreter's process (README).
+the binary costs no more per pod and needs no library in the interpreter's process (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from .apply import (
     in_target,
 )
 from .executor import RealExecutor
-from .lazylog import get_logger
-from .lean import TYPE_CHECKING
+from .logsink import get_logger
 from .nftables import CHECK_SUFFIX, FAMILY, TABLES, base_chain, render_nft, tables_of
+from .startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from typing import Any

@@ -13,7 +13,7 @@ turns into an append.
 
 from __future__ import annotations
 
-from .lean import TYPE_CHECKING
+from .startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -2,7 +2,9 @@
 local files.
 
 It runs as a script (``python -I -S nsexec.py ...``): standard library only, so it starts in a few
-milliseconds. The applier puts it in front of iptables-restore instead of ``nsenter`` when the
+milliseconds. Imported (the CNI plugin's launcher limits its own lookups with
+``limit_lookups_to_files``), it binds libc through startup.libc_function instead of loading the
+``ctypes`` package. The applier puts it in front of iptables-restore instead of ``nsenter`` when the
 host's name-service configuration could reach the network (``apply.host_needs_local_lookups``).
 
     nsexec.py [--net PATH] [--local-lookups] -- COMMAND [ARG...]
@@ -13,9 +15,29 @@ COMMAND does not exist), so they cannot be mistaken for the command's own failur
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
+
+TYPE_CHECKING = False  # startup.TYPE_CHECKING, which a script cannot import
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+if __package__:
+    from .startup import get_errno, libc_function
+else:  # a script: the standard library only
+
+    def libc_function(name: str) -> Callable[..., int]:
+        import ctypes
+
+        function: Callable[..., int] = getattr(ctypes.CDLL(None, use_errno=True), name)
+        return function
+
+    def get_errno() -> int:
+        import ctypes
+
+        return ctypes.get_errno()
+
 
 NSSWITCH = "/etc/nsswitch.conf"
 
@@ -58,13 +80,9 @@ def _fail(message: str, code: int = EXIT_SETUP) -> None:
     sys.exit(code)
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _check(rc: int, what: str) -> None:
     if rc != 0:
-        err = ctypes.get_errno()
+        err = get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
@@ -78,15 +96,15 @@ def limit_lookups_to_files() -> None:
     stage = next((d for d in _STAGES if os.path.isdir(d)), None)
     if stage is None:
         raise OSError(2, "no directory to stage nsswitch.conf in")
-    libc = _libc()
-    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "making / private")
-    _check(libc.mount(b"tmpfs", stage.encode(), b"tmpfs", 0, b"size=16k,mode=0755"), "mounting a tmpfs")
+    mount = libc_function("mount")
+    _check(libc_function("unshare")(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "making / private")
+    _check(mount(b"tmpfs", stage.encode(), b"tmpfs", 0, b"size=16k,mode=0755"), "mounting a tmpfs")
     staged = f"{stage}/nsswitch.conf"
     with open(staged, "w", encoding="utf-8") as f:
         f.write(LOCAL_NSSWITCH)
-    _check(libc.mount(staged.encode(), NSSWITCH.encode(), None, _MS_BIND, None), f"binding over {NSSWITCH}")
-    _check(libc.umount2(stage.encode(), _MNT_DETACH), "detaching the tmpfs")
+    _check(mount(staged.encode(), NSSWITCH.encode(), None, _MS_BIND, None), f"binding over {NSSWITCH}")
+    _check(libc_function("umount2")(stage.encode(), _MNT_DETACH), "detaching the tmpfs")
 
 
 def _exec(argv: list[str]) -> None:
@@ -129,7 +147,7 @@ def main(args: list[str]) -> None:
 
     if ns_fd >= 0:
         try:
-            _check(_libc().setns(ns_fd, _CLONE_NEWNET), "setns")
+            _check(libc_function("setns")(ns_fd, _CLONE_NEWNET), "setns")
         except OSError as e:
             _fail(f"cannot enter network namespace {net}: {e.strerror}")
         os.close(ns_fd)

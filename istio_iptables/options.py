@@ -2,7 +2,7 @@
 environment variables, defaults, help) and resolved into a Config and ApplyOptions by ``load``.
 
 Precedence is Istio's: command line, then environment (a later variable in ``env`` wins, as
-Istio's additional variables do), then the default. ``--help`` and the README table are both
+Istio's additional variables do), then the default. ``--help`` and the docs/options.md table are both
 generated from ``OPTIONS``. No click here: the CNI plugin imports this package too.
 """
 
@@ -20,7 +20,7 @@ from .environment import (
     detect_ipv6,
     split_nameservers,
 )
-from .lean import TYPE_CHECKING, Enum, NamedTuple
+from .startup import TYPE_CHECKING, Enum, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -34,7 +34,7 @@ DEFAULT_PROXY_UID = "1337"
 
 
 class Kind(Enum):
-    """What an option's text holds; ``metavar`` is how --help and the README show it."""
+    """What an option's text holds; ``metavar`` is how --help and docs/options.md show it."""
 
     PORT = "PORT"
     PORT_LIST = "PORTS"
@@ -447,7 +447,7 @@ def load(
 
 
 def markdown_table() -> str:
-    """The README's option reference, generated from OPTIONS."""
+    """The option reference of docs/options.md, generated from OPTIONS."""
 
     def cell(s: str) -> str:
         return s.replace("|", "\\|")

@@ -15,8 +15,8 @@ decides the final chain contents in the kernel.
 from __future__ import annotations
 
 from .config import Config, InterceptionMode
-from .lean import TYPE_CHECKING
 from .ruleset import Family, FamilyRules, NftRules, PolicyRoute, Rule, Ruleset
+from .startup import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

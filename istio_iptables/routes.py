@@ -10,12 +10,10 @@ exists is left alone) and returns what it added, so a failed apply can take back
 
 from __future__ import annotations
 
-import _socket as socket
-
 from . import netlink
-from .lazylog import get_logger
-from .lean import TYPE_CHECKING, NamedTuple
+from .logsink import get_logger
 from .ruleset import Family, PolicyRoute
+from .startup import TYPE_CHECKING, NamedTuple, socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -5,7 +5,7 @@ The planner produces these; the renderer and the appliers consume them without d
 
 from __future__ import annotations
 
-from .lean import Enum, NamedTuple
+from .startup import Enum, NamedTuple
 
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 

@@ -13,8 +13,8 @@ invisible to packets, read back with iptables-save, and removed in the COMMIT th
 
 from __future__ import annotations
 
-from .lean import TYPE_CHECKING, NamedTuple
 from .ruleset import BUILTIN_CHAINS, ISTIO_CHAINS
+from .startup import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import re

@@ -400,16 +400,3 @@ def test_an_address_the_kernel_refuses_is_a_routes_error(monkeypatch: pytest.Mon
     monkeypatch.setattr(routes.netlink, "add_address", refuse)
     with pytest.raises(routes.RoutesError, match=r"^adding ::6/128 on lo: Permission denied$"):
         routes.apply_routes([], [V6], None)
-
-
-def test_setns_is_bound_without_the_ctypes_package() -> None:
-    code = (
-        "import _ctypes, errno, os, sys\n"
-        "from istio_iptables import netns as nn\n"
-        "setns = nn._bind_setns()\n"
-        "assert 'ctypes' not in sys.modules, 'fell back to ctypes'\n"
-        "assert setns(-1, nn.CLONE_NEWNET) == -1 and _ctypes.get_errno() == errno.EBADF\n"
-        "fd = os.open('/proc/self/ns/net', os.O_RDONLY)\n"
-        "nn.setns(fd)  # entering the namespace it is in already works (as root)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(nl.__file__).parent.parent)

@@ -628,26 +628,10 @@ def test_apply_path_imports_neither_pyroute2_nor_click() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(ap.__file__).parent.parent)
 
 
-# What the CNI plugin pays on every pod start for importing the applier: no CLI framework, no
-# netlink library, nothing that pulls in asyncio, email or unittest, and not even logging or
-# shutil (loaded only when a warning is printed / never).
-LEAN_IMPORT_FORBIDDEN = ("click", "pyroute2", "asyncio", "email", "unittest", "logging", "shutil")
-
-
-def test_importing_the_applier_stays_lean() -> None:
-    code = (
-        "import sys\n"
-        "import istio_iptables.apply, istio_iptables.planner, istio_iptables.config\n"
-        f"bad = [m for m in {LEAN_IMPORT_FORBIDDEN!r} if m in sys.modules]\n"
-        "assert not bad, bad\n"
-    )
-    subprocess.run([sys.executable, "-I", "-c", code], check=True, cwd=Path(ap.__file__).parent.parent)
-
-
 def test_quiet_loggers_do_not_load_logging_and_warnings_still_reach_stderr() -> None:
     code = (
         "import sys\n"
-        "from istio_iptables.lazylog import get_logger\n"
+        "from istio_iptables.logsink import get_logger\n"
         "log = get_logger('istio_iptables.x')\n"
         "log.debug('hidden %s', 1)\n"
         "log.info('hidden %s', 2)\n"

@@ -883,7 +883,7 @@ def test_applying_does_not_import_click() -> None:
 
 
 def test_the_command_ends_without_losing_buffered_output(venv_bin: Path) -> None:
-    # The commands skip the interpreter's shutdown (lean.exit_now): a large dry run must still
+    # The commands skip the interpreter's shutdown (startup.exit_now): a large dry run must still
     # arrive whole through a pipe, and the exit status must be the command's.
     cidrs = ",".join(f"10.{i // 250}.{i % 250}.0/24" for i in range(4000))
     argv = [str(venv_bin / "istio-iptables"), "-p", "15001", "-u", "1337", "-x", cidrs, "--dry-run"]

@@ -1,5 +1,5 @@
 """How istio-iptables and istio-clean-iptables log: Istio's line (or JSON) on stderr, at the level
---log_output_level asks for, the applier's records included; through a lazylog sink that is in
+--log_output_level asks for, the applier's records included; through a logsink.Sink that is in
 place only while a command runs, so ``logging`` is never imported for it and in-process callers
 find ``logging`` and their own sink as they left them."""
 
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from istio_iptables import cli, lazylog
+from istio_iptables import cli, logsink
 from istio_iptables.cli import PROG_CLEAN, PROG_IPTABLES
 from istio_iptables.options import LogSettings
 from test_options import FakeMachine
@@ -68,9 +68,9 @@ def records(err: str) -> list[tuple[str, str]]:
 def recording_sink() -> Iterator[list[tuple[str, str]]]:
     """A sink installed as an embedding program (the CNI plugin) would, taken out after the test."""
     seen: list[tuple[str, str]] = []
-    previous = lazylog.set_sink(lambda level, msg: seen.append((level, msg)))
+    previous = logsink.set_sink(lambda level, msg: seen.append((level, msg)))
     yield seen
-    lazylog.set_sink(previous)
+    logsink.set_sink(previous)
 
 
 # --- format and level ----------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_level_filter(level: str | None, want: list[str]) -> None:
     ],
 )
 def test_sink_filters_by_level(threshold: int, shown: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    sink = cli._IstioLog(LogSettings(level=threshold, json=False))
+    sink = logsink.Sink(threshold)
     for level in ("debug", "info", "warning", "error"):
         sink(level, f"a {level} record")
     got = records(capsys.readouterr().err)
@@ -156,7 +156,7 @@ def test_json_lines_follow_the_level() -> None:
 def test_multi_line_message_is_one_escaped_record(as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
     # The applier logs its iptables-restore documents: one record, one line, in both formats,
     # and JSON carries the same escaped text (jq -r .msg must not print raw newlines either).
-    cli._IstioLog(LogSettings(level=20, json=as_json))("info", "applying:\n* nat\nCOMMIT")
+    logsink.Sink(20, as_json=as_json)("info", "applying:\n* nat\nCOMMIT")
     (line,) = capsys.readouterr().err.splitlines()
     msg = json.loads(line)["msg"] if as_json else records(line)[0][1]
     assert msg == "applying:\\n* nat\\nCOMMIT"
@@ -179,7 +179,7 @@ def test_a_logged_value_cannot_forge_records(as_json: bool) -> None:
     assert len(lines) == 2, err
     msgs = [json.loads(line)["msg"] for line in lines] if as_json else [m for _, m in records(err)]
     assert all(line.replace("\t", " ").isprintable() for line in lines)  # tabs only between fields
-    assert msgs[0].endswith(f"NETWORK_NAMESPACE={lazylog.escape_controls(HOSTILE_PATH)}")
+    assert msgs[0].endswith(f"NETWORK_NAMESPACE={logsink.escape_controls(HOSTILE_PATH)}")
     assert "x\\n2026-01-01T00:00:00Z\\tinfo\\tforged\\x1b[31m\\r\\x85\\u2028\\x7f" in msgs[0]
     assert msgs[1] == DRY_RUN_INFO
 
@@ -209,12 +209,12 @@ def test_an_error_message_cannot_forge_records() -> None:
     ],
 )
 def test_escape_controls(text: str, want: str) -> None:
-    assert lazylog.escape_controls(text) == want
+    assert logsink.escape_controls(text) == want
 
 
 @given(st.text())
 def test_escaped_text_is_one_printable_line(text: str) -> None:
-    escaped = lazylog.escape_controls(text)
+    escaped = logsink.escape_controls(text)
     assert escaped.isprintable() and len(escaped.splitlines()) <= 1
     assert escaped == text or not text.isprintable()
 
@@ -251,15 +251,15 @@ def test_set_sink_returns_the_previous_sink() -> None:
 
     def second(level: str, msg: str) -> None: ...
 
-    outer = lazylog.get_sink()
+    outer = logsink.get_sink()
     try:
-        assert lazylog.set_sink(first) is outer
-        assert lazylog.set_sink(second) is first
-        assert lazylog.get_sink() is second
-        assert lazylog.set_sink(first) is second
+        assert logsink.set_sink(first) is outer
+        assert logsink.set_sink(second) is first
+        assert logsink.get_sink() is second
+        assert logsink.set_sink(first) is second
     finally:
-        lazylog.set_sink(outer)
-    assert lazylog.get_sink() is outer
+        logsink.set_sink(outer)
+    assert logsink.get_sink() is outer
 
 
 @pytest.mark.parametrize(
@@ -274,9 +274,9 @@ def test_set_sink_returns_the_previous_sink() -> None:
     ],
 )
 def test_previous_sink_is_back_after_run(argv: list[str], recording_sink: list[tuple[str, str]]) -> None:
-    sink = lazylog.get_sink()
+    sink = logsink.get_sink()
     invoke(argv)
-    assert lazylog.get_sink() is sink
+    assert logsink.get_sink() is sink
     assert recording_sink == []  # the command's records went to stderr, not to the embedder's sink
 
 
@@ -285,25 +285,25 @@ def test_previous_sink_is_back_after_run_raises(recording_sink: list[tuple[str, 
         def local_addresses(self, netns: str | None) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
             raise RuntimeError("boom")
 
-    sink = lazylog.get_sink()
+    sink = logsink.get_sink()
     with pytest.raises(RuntimeError, match="boom"):
         invoke([*CLASSIC, "--dns-servers=", "--dry-run"], machine=Broken())
-    assert lazylog.get_sink() is sink
+    assert logsink.get_sink() is sink
 
 
 def test_no_sink_is_left_behind() -> None:
-    assert lazylog.get_sink() is None
+    assert logsink.get_sink() is None
     invoke([*CLASSIC, *PINNED, "--dry-run"])
-    assert lazylog.get_sink() is None
+    assert logsink.get_sink() is None
 
 
 def test_parse_puts_the_previous_sink_back(recording_sink: list[tuple[str, str]]) -> None:
-    sink = lazylog.get_sink()
+    sink = logsink.get_sink()
     err = io.StringIO()
     with redirect_stderr(err):
         got = cli.parse(PROG_IPTABLES, [*CLASSIC, *PINNED, "extra"], {}, FakeMachine())
     assert not isinstance(got, int)
-    assert lazylog.get_sink() is sink
+    assert logsink.get_sink() is sink
     assert [lvl for lvl, _ in records(err.getvalue())] == ["warn", "info"]
     assert recording_sink == []
 
@@ -312,11 +312,11 @@ def test_records_before_the_logging_options_go_where_they_went(
     monkeypatch: pytest.MonkeyPatch, recording_sink: list[tuple[str, str]]
 ) -> None:
     # Until the logging options are read, the command has no sink of its own: a record then goes to
-    # whatever the caller had (here an embedder's sink; without one, lazylog's usual way).
+    # whatever the caller had (here an embedder's sink; without one, the modules' loggers' usual way).
     read = cli.log_settings
 
     def log_settings(values: Mapping[str, str], env: Mapping[str, str] | None = None) -> LogSettings:
-        lazylog.get_logger("istio_iptables.options").warning("while reading the logging options")
+        logsink.get_logger("istio_iptables.options").warning("while reading the logging options")
         return read(values, env)
 
     monkeypatch.setattr(cli, "log_settings", log_settings)
@@ -328,17 +328,73 @@ def test_records_before_the_logging_options_go_where_they_went(
 
 def test_logging_is_left_as_it_was(caplog: pytest.LogCaptureFixture) -> None:
     # A command's records never reach logging's handlers (before, the command had its own handler
-    # that did not propagate); after it, lazylog's records reach them as they always did.
+    # that did not propagate); after it, the loggers' records reach them as they always did.
     caplog.set_level(logging.DEBUG)
     code, err = invoke([*CLASSIC, *PINNED, "--dry-run", "extra"], env=OWNER_ENV)
     assert code == 0
     assert len(records(err)) == 4
     assert caplog.records == []
-    lazylog.get_logger("istio_iptables.apply").info("after the run")
-    lazylog.get_logger("istio_iptables").warning("and the command's logger %s", "too")
+    logsink.get_logger("istio_iptables.apply").info("after the run")
+    logsink.get_logger("istio_iptables").warning("and the command's logger %s", "too")
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
         ("istio_iptables.apply", "INFO", "after the run"),
         ("istio_iptables", "WARNING", "and the command's logger too"),
+    ]
+
+
+# --- one sink for every command -------------------------------------------------------------------
+
+PROGRAM_LINE = re.compile(rf"{STAMP}\t(debug|info|warn|error)\tistio-cni\t(?:(pod=[^\t]*)\t)?([^\t]*)")
+
+
+def test_a_program_names_itself_and_a_scope_in_its_lines(tmp_path: Path) -> None:
+    # istio-cni's lines (and install-cni's): the program, then the scope when there is one; the
+    # file gets the same lines as the stream.
+    stream = io.StringIO()
+    file, why = logsink.open_log_file(str(tmp_path / "plugin.log"))
+    assert file is not None and why is None
+    log = logsink.Sink(logsink.level_number("INFO"), program="istio-cni", stream=stream, file=file)
+    log.debug("hidden")
+    log.info("plain")
+    log.scoped("pod=ns/web\tx\n").warn("scoped\n2026-01-01T00:00:00Z\tinfo\tforged")
+    file.close()
+    lines = stream.getvalue().splitlines()
+    assert lines == (tmp_path / "plugin.log").read_text().splitlines()
+    got = [PROGRAM_LINE.fullmatch(line) for line in lines]
+    assert all(got), lines
+    assert [m.groups() for m in got if m] == [
+        ("info", None, "plain"),
+        ("warn", "pod=ns/web\\tx\\n", "scoped\\n2026-01-01T00:00:00Z\\tinfo\\tforged"),
+    ]
+
+
+def test_an_unopenable_log_file_says_why() -> None:
+    assert logsink.open_log_file("/nonexistent/dir/x.log") == (
+        None,
+        "cannot open log file /nonexistent/dir/x.log: No such file or directory",
+    )
+    file, why = logsink.open_log_file("/tmp/a\0b")
+    assert file is None and why is not None and why.startswith("cannot open log file /tmp/a\0b: ")
+
+
+def test_a_logging_handler_writes_the_same_line() -> None:
+    # install-cni keeps logging underneath (it logs from threads); its handler formats this way.
+    logger = logging.getLogger("test-logsink-formatter")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logsink.formatter("install-cni"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("wrote %s", "/etc/cni/net.d/x\n.conflist")
+        logger.error("failed")
+    finally:
+        logger.removeHandler(handler)
+    line = re.compile(rf"{STAMP}\t(warn|error)\tinstall-cni\t(.*)")
+    got = [line.fullmatch(text) for text in stream.getvalue().splitlines()]
+    assert [m.groups() if m else None for m in got] == [
+        ("warn", "wrote /etc/cni/net.d/x\\n.conflist"),
+        ("error", "failed"),
     ]
 
 
@@ -366,20 +422,20 @@ def _rfc3339_with_modf(created: float) -> str:
 @example(-0.5)
 @example(-1e-7)
 def test_rfc3339(created: float) -> None:
-    assert cli._rfc3339(created) == _rfc3339_with_modf(created)
+    assert logsink.rfc3339(created) == _rfc3339_with_modf(created)
 
 
 @pytest.mark.parametrize("created", [1_700_000_000.123456, 1_700_000_000.9999996, 86_400.5, 1e9 + 0.25])
 def test_rfc3339_as_datetime(created: float) -> None:
     want = datetime.fromtimestamp(created, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    assert cli._rfc3339(created) == want
+    assert logsink.rfc3339(created) == want
 
 
 # --- no logging on the way -----------------------------------------------------------------------
 
 
 def test_a_run_does_not_import_logging() -> None:
-    # Warnings included: without a sink, lazylog would load logging for them. -S: no
+    # Warnings included: without a sink, the loggers would load logging for them. -S: no
     # site-packages, whose pytest and hypothesis plugins would bring logging along (so would the
     # test helpers: the real machine is used, the options leave it nothing to look up).
     code = (

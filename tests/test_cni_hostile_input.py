@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from cni.plugin import run
 from cni.protocol import COMMANDS, SUPPORTED_VERSIONS
-from istio_iptables import lazylog
+from istio_iptables import logsink
 from kubeapi import (
     KubeAPIServer,
     Pki,
@@ -230,7 +230,7 @@ def test_pod_names_cannot_forge_log_lines(
         (line,) = text.splitlines()
         assert LOG_LINE.fullmatch(line), line
         scope = line.split("\t")[3]
-        assert scope == "pod=" + lazylog.escape_controls(f"{namespace}/{name}")
+        assert scope == "pod=" + logsink.escape_controls(f"{namespace}/{name}")
         assert "\\n2026-01-01T00:00:00Z\\tinfo\\tforged\\x1b[31m" in scope
         assert line.endswith("\tpod namespace excluded, passing through")
 
@@ -403,7 +403,7 @@ def test_no_input_is_an_internal_error(data: st.DataObject, sandbox: str, log_di
     stdin = data.draw(_stdin(log_dir), label="stdin")
     log_file = log_dir / "istio-cni.log"
     log_file.unlink(missing_ok=True)
-    sink = lazylog.get_sink()
+    sink = logsink.get_sink()
     out, errs = io.StringIO(), io.StringIO()
 
     code = run(environ, io.BytesIO(stdin), out, errs)
@@ -430,4 +430,4 @@ def test_no_input_is_an_internal_error(data: st.DataObject, sandbox: str, log_di
     if log_file.exists():
         assert_log_lines(log_file.read_text())
     # In-process callers find the applier's records going where they went before.
-    assert lazylog.get_sink() is sink
+    assert logsink.get_sink() is sink

@@ -232,44 +232,6 @@ def test_standalone_without_any_address_plans_ipv4(
     assert istio_lines(ns) and not istio_lines(ns, "ip6tables-save")
 
 
-# Never on an ADD: a CLI framework, a netlink library, PyYAML (for a kubeconfig in the
-# installer's plain style), http.client and the email package it pulls in, asyncio, unittest.
-HEAVY = ("asyncio", "click", "email", "http.client", "pyroute2", "unittest", "yaml")
-_IMPORT_PROBE = """
-import io, json, os, sys
-from cni.plugin import run
-code = run(os.environ, io.BytesIO(sys.stdin.buffer.read()), io.StringIO(), sys.stderr)
-heavy = sorted(m for m in HEAVY_NAMES if m in sys.modules)
-print(json.dumps({"code": code, "heavy": heavy}))
-""".replace("HEAVY_NAMES", repr(HEAVY))
-
-
-@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
-def test_add_path_stays_lean(
-    mode: str, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS], venv_bin: Path
-) -> None:
-    # TPROXY's policy routes are netlink requests of our own, like the ::6 address.
-    name = f"lean-{mode.lower()}"
-    api.add_pod(meshed_pod(name, NS, annotations={"sidecar.istio.io/interceptionMode": mode}))
-    ns = netns("lean")
-    env = {
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "CNI_COMMAND": "ADD",
-        "CNI_CONTAINERID": "abc",
-        "CNI_NETNS": ns.path,
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": "/opt/cni/bin",
-        "CNI_ARGS": k8s_args(NS, name),
-    }
-    conf = json.dumps(netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))).encode()
-    p = subprocess.run(
-        [str(venv_bin / "python"), "-c", _IMPORT_PROBE], input=conf, env=env, capture_output=True, check=False
-    )
-    out = json.loads(p.stdout)
-    assert out["code"] == 0, p.stderr.decode()
-    assert out["heavy"] == []
-
-
 def test_applier_records_reach_the_plugin_log_file(
     exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS], tmp_path: Path
 ) -> None:
@@ -364,21 +326,21 @@ def test_pod_namespace_held_past_the_wait_is_try_again_later(
     import io
 
     from cni import plugin
-    from istio_iptables import lazylog
+    from istio_iptables import logsink
 
     monkeypatch.setattr(plugin, "LOCK_WAIT", 1)
     api.add_pod(meshed_pod("busy", NS))
     ns = netns("busy")
     conf = netconf(kubeconfig, prev_result=prev_result("1.0.0", netns=ns.path))
     out, err = io.StringIO(), io.StringIO()
-    previous = lazylog.get_sink()
+    previous = logsink.get_sink()
     try:
         with flocked(ns.path):  # another apply, or Istio's own xtables lock for this pod
             code = plugin.run(
                 plugin_env(ns.path, k8s_args(NS, "busy")), io.BytesIO(json.dumps(conf).encode()), out, err
             )
     finally:
-        lazylog.set_sink(previous)
+        logsink.set_sink(previous)
     doc = json.loads(out.getvalue())
     assert code == 1 and doc["code"] == 11, doc
     assert "try again later" in doc["details"]

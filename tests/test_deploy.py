@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cni.install import build_parser, parse_settings, plugin_entry, standalone_conf
+from cni.install.conflist import plugin_entry, standalone_conf
+from cni.install.settings import build_parser, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -253,7 +253,7 @@ def test_ipv6_off_plans_no_ip6tables_rules_but_nft_rules_without_addresses_still
     off = [a for a in CLASSIC if a != "--enable-ipv6"] + ["--no-enable-ipv6"]
     v6 = "out tcp [fd00::5]:1 -> [fd00::a]:80 uid=1000 oif=eth0"
     assert planned(off, v6).verdict.text == "not captured"
-    # Istio's nftables rules that name no address act on both families (README).
+    # Istio's nftables rules that name no address act on both families (docs/nftables.md).
     assert planned([*off, "--native-nftables"], v6).verdict.text == "redirect to :15001"
 
 

@@ -21,15 +21,9 @@ from typing import Any
 
 import pytest
 
-from cni import install
-from cni.install import (
-    Installer,
-    NotReady,
-    Settings,
-    SettingsError,
-    build_parser,
-    parse_settings,
-)
+from cni.install import conflist, files, health, loop
+from cni.install.loop import Installer
+from cni.install.settings import NotReady, Settings, SettingsError, build_parser, parse_settings
 
 DATA = Path(__file__).parent / "data" / "conflists"
 CONFLISTS = sorted(p.name for p in DATA.glob("*.conflist"))
@@ -394,7 +388,7 @@ def test_conf_holding_a_list_is_malformed(node: dict[str, Path]) -> None:
 def test_file_changed_while_updating_is_not_overwritten(node: dict[str, Path]) -> None:
     path = put(node, "10-flannel.conflist")
     theirs = DATA.joinpath("10-flannel.conflist").read_bytes().replace(b"cbr0", b"cbr1")
-    real_read = install.read_or_none
+    real_read = files.read_or_none
 
     def racing_read(p: Path) -> bytes | None:
         if p == path:  # the other installer writes between our read and our rename
@@ -402,11 +396,11 @@ def test_file_changed_while_updating_is_not_overwritten(node: dict[str, Path]) -
         return real_read(p)
 
     inst = installer_for(node)
-    install.read_or_none = racing_read
+    files.read_or_none = racing_read
     try:
         inst.step()
     finally:
-        install.read_or_none = real_read
+        files.read_or_none = real_read
     assert path.read_bytes() == theirs
     assert not inst.status.ready and "changed while" in inst.status.detail
     assert not list(node["net"].glob(".*.tmp")), "no temporary file is left behind"
@@ -456,7 +450,7 @@ def test_a_symlinked_conflist_is_written_through(
         renames.append((str(src), str(dst)))
         real_rename(src, dst)
 
-    monkeypatch.setattr(install.os, "rename", rename)
+    monkeypatch.setattr(files.os, "rename", rename)
     inst = installer_for(node)
     inst.reconcile()
     assert link.is_symlink() and os.readlink(link) == target, "the link stays"
@@ -512,7 +506,7 @@ def test_a_change_while_restoring_is_not_overwritten(
     inst = installer_for(node)
     inst.reconcile()
     theirs = DATA.joinpath("10-flannel.conflist").read_bytes().replace(b"cbr0", b"cbr9")
-    real_file_mode = install._file_mode
+    real_file_mode = conflist.file_mode
 
     def racing_file_mode(p: Path, default: int = 0o644) -> int:
         # The owner writes between our check of the file and our rename over it.
@@ -520,7 +514,7 @@ def test_a_change_while_restoring_is_not_overwritten(
             real.write_bytes(theirs)
         return real_file_mode(p, default)
 
-    monkeypatch.setattr(install, "_file_mode", racing_file_mode)
+    monkeypatch.setattr(conflist, "file_mode", racing_file_mode)
     inst.cleanup()
     assert real.read_bytes() == theirs, "the owner's update is kept"
     assert link.is_symlink() == (how is not None)
@@ -621,7 +615,7 @@ def test_uninstall_without_state(node: dict[str, Path]) -> None:
     put(node, "10-bridge.conf")
     installer_for(node).reconcile()
     installer_for(node, "--multus").reconcile()
-    install.uninstall(settings_for(node, "--uninstall"))
+    loop.uninstall(settings_for(node, "--uninstall"))
     assert net_files(node) == ["10-bridge.conflist", "10-calico.conflist"]
     assert not ours(load(node["net"] / "10-bridge.conflist"))
     assert load(node["net"] / "10-calico.conflist") == load(DATA / "10-calico.conflist")
@@ -808,7 +802,7 @@ def get(url: str) -> tuple[int, str]:
 def test_health_endpoints(node: dict[str, Path]) -> None:
     path = put(node, "10-flannel.conflist", b"{")
     inst = installer_for(node)
-    server = install.serve_health(inst.status, "127.0.0.1", 0, stale_after=60)
+    server = health.serve_health(inst.status, "127.0.0.1", 0, stale_after=60)
     base = f"http://127.0.0.1:{server.server_port}"
     try:
         inst.step()
@@ -972,7 +966,7 @@ def test_check_command(node: dict[str, Path], start: Any) -> None:
 
 
 def test_uninstall_from_the_plugin_file_on_the_node(node: dict[str, Path]) -> None:
-    """The README's recovery one-liner: the installer inside the plugin file, on the node's Python."""
+    """The recovery one-liner of docs/installing.md: the installer inside the plugin file, on the node's Python."""
     from cni.bundle import build_archive
 
     put(node, "10-bridge.conf")
@@ -1008,8 +1002,8 @@ def test_preempted_named_configuration_is_logged_once(
 
 
 def test_health_server_answers_on_ipv4_and_ipv6() -> None:
-    status = install.Status(ready=True, detail="in place")
-    server = install.serve_health(status, "", 0, stale_after=60)
+    status = health.Status(ready=True, detail="in place")
+    server = health.serve_health(status, "", 0, stale_after=60)
     try:
         port = server.server_port
         assert get(f"http://127.0.0.1:{port}/readyz") == (200, "in place\n")

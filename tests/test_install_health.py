@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cni import install
+from cni.install import health
 
 
 @pytest.mark.parametrize("address", ["", "127.0.0.1"])
@@ -21,8 +21,8 @@ def test_health_server_binds_without_a_dns_lookup(monkeypatch: pytest.MonkeyPatc
 
     for name in ("getfqdn", "gethostbyaddr", "gethostbyname", "gethostbyname_ex"):
         monkeypatch.setattr(socket, name, no_lookup)
-    status = install.Status(ready=True, detail="entry in place")
-    server = install.serve_health(status, address, 0, 30.0)
+    status = health.Status(ready=True, detail="entry in place")
+    server = health.serve_health(status, address, 0, 30.0)
     try:
         port = server.server_address[1]
         monkeypatch.undo()

@@ -266,7 +266,8 @@ def _other_version(template: Path, tmp_path: Path) -> Path:
 def test_adds_running_while_the_installer_replaces_the_plugin_all_succeed(
     template: Path, api: KubeAPIServer, pki: Pki, netns: Callable[..., NetNS], tmp_path: Path, short_dir: Path
 ) -> None:
-    from cni.install import Installer, build_parser, parse_settings
+    from cni.install.loop import Installer
+    from cni.install.settings import build_parser, parse_settings
 
     other = _other_version(template, tmp_path)
     node = short_dir
