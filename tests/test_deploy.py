@@ -22,6 +22,7 @@ from cni.install.settings import build_parser, parse_settings
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+MULTUS = DEPLOY / "kubernetes-multus"
 CLASSIC_ARGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*"]
 CLASSIC_ARGS += ["-d", "15090,15021,15020"]
 VERSION = configparser.ConfigParser()
@@ -52,14 +53,14 @@ def merge_by_name(base: list[dict[str, Any]], patch: list[dict[str, Any]]) -> li
 def multus_manifests() -> dict[tuple[str, str], dict[str, Any]]:
     """The Multus overlay applied to the base (its two patches touch ConfigMap data and volumes)."""
     base = manifests()
-    overlay = yaml.safe_load((K8S / "multus" / "kustomization.yaml").read_text())
-    assert overlay["resources"][0] == ".."
+    overlay = yaml.safe_load((MULTUS / "kustomization.yaml").read_text())
+    assert overlay["resources"][0] == "../kubernetes"
     out = dict(base)
     for res in overlay["resources"][1:]:
-        for doc in load_all(K8S / "multus" / res):
+        for doc in load_all(MULTUS / res):
             out[(doc["kind"], doc["metadata"]["name"])] = doc
     for patch in overlay["patches"]:
-        doc = yaml.safe_load((K8S / "multus" / patch["path"]).read_text())
+        doc = yaml.safe_load((MULTUS / patch["path"]).read_text())
         key = (doc["kind"], doc["metadata"]["name"])
         target = out[key]
         if doc["kind"] == "ConfigMap":
@@ -124,6 +125,21 @@ def test_manifest_loads(path: Path) -> None:
 def test_kustomization_lists_every_base_manifest() -> None:
     listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_no_kustomization_loads_a_directory_that_contains_it() -> None:
+    # kustomize refuses a resource directory that holds the kustomization loading it ("cycle
+    # detected: candidate root ... contains visited root"), so `kubectl apply -k` would fail.
+    found = sorted(DEPLOY.rglob("kustomization.yaml"))
+    assert K8S / "kustomization.yaml" in found and MULTUS / "kustomization.yaml" in found
+    for path in found:
+        here = path.parent.resolve()
+        for res in yaml.safe_load(path.read_text()).get("resources", []):
+            target = (here / res).resolve()
+            assert target.exists(), f"{path}: {res} does not exist"
+            if target.is_dir():
+                assert (target / "kustomization.yaml").exists(), f"{path}: {res} is no kustomization"
+                assert not here.is_relative_to(target), f"{path}: {res} contains {here}"
 
 
 def test_namespaced_objects_are_in_the_namespace() -> None:
@@ -336,7 +352,7 @@ def test_cni_example_pod_is_one_the_plugin_captures() -> None:
 
 
 def test_network_attachment_definition_names_the_standalone_network() -> None:
-    nad = load_all(K8S / "multus" / "network-attachment-definition.yaml")[0]
+    nad = load_all(MULTUS / "network-attachment-definition.yaml")[0]
     assert nad["apiVersion"] == "k8s.cni.cncf.io/v1" and nad["kind"] == "NetworkAttachmentDefinition"
     objs = multus_manifests()
     s = parse_settings(build_parser().parse_args([]), installer_environment(objs))

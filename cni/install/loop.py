@@ -179,7 +179,7 @@ def run(settings: Settings, stop: threading.Event) -> int:
             version = template_version(settings.plugin_template)
         except BuildError as e:
             raise SettingsError(
-                f"PLUGIN_TEMPLATE: {e} (build it with scripts/build-plugin --template DIR, or set "
+                f"PLUGIN_TEMPLATE: {e} (build it with scripts/build-plugin --template-only DIR, or set "
                 "PLUGIN_INTERPRETER to install a zipapp for the node's own Python)"
             ) from None
         log.info("the self-contained plugin %s from %s; %s", version, settings.plugin_template, where)

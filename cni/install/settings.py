@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--plugin-template",
-        help="the built self-contained plugin (scripts/build-plugin --template) [PLUGIN_TEMPLATE] "
+        help="the built self-contained plugin (scripts/build-plugin --template-only) [PLUGIN_TEMPLATE] "
         "(default /opt/istio-cni/plugin, where the installer image has it)",
     )
     a("--cni-network-config", help="JSON template of the entry [CNI_NETWORK_CONFIG]")
