@@ -36,10 +36,10 @@ from istio_iptables.config import Config
 from istio_iptables.nftables import render_nft
 from istio_iptables.planner import NFT_SET_THRESHOLD, plan, plan_nft
 from istio_iptables.render import render_family
+from tests.support.netns import Namespaces
 
 from . import proc
 from .fixtures import POD_IPV4
-from .netns import Namespaces
 
 BACKENDS = ("iptables", "nftables")
 CIDR_COUNTS = (0, 1_000, 10_000)

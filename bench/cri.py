@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -33,6 +31,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests.support import apiserver
+from tests.support.pki import make_pki
 
 from . import fixtures
 from .stats import summary
@@ -122,26 +123,14 @@ class _Run:
         self.info["chain_without_plugin"] = [p["type"] for p in nomesh.conflist["plugins"]]
 
     def _start_api(self) -> None:
-        ca, cert, key = fixtures.write_tls(self.work)
-        self.ca, self.token = ca, fixtures.new_token()
-        token_file = self.work / "token"
-        token_file.write_text(self.token + "\n")
+        pki = make_pki(self.work / "pki")
+        self.ca, self.token = pki.ca_cert, fixtures.new_token()
         meshed = fixtures.meshed_pod("meshed")
         pods = {"default": meshed, "meshed": meshed, "unmeshed": _unmeshed(fixtures.meshed_pod("unmeshed"))}
         self.pods = pods
-        (self.work / "pods.json").write_text(json.dumps(pods))
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "bench.apiserver", "--cert", str(cert), "--key", str(key),
-             "--token-file", str(token_file), "--pods", str(self.work / "pods.json")],
-            cwd=self.repo, env=dict(os.environ, PYTHONPATH=str(self.repo)), stdout=subprocess.PIPE,
-            start_new_session=True,
-        )  # fmt: skip
-        assert self.server.stdout is not None
-        ready, _, _ = select.select([self.server.stdout], [], [], 20)
-        line = self.server.stdout.readline().strip() if ready else b""
-        if not line.isdigit():
-            raise RuntimeError("the API server did not start")
-        self.api_port = int(line)
+        self.server, self.api_port = apiserver.spawn(
+            pki, self.token, pods, self.work, timeout=20, start_new_session=True
+        )
 
     def _plugin_template(self) -> dict[str, str]:
         """What install-cni needs on this machine to write the plugin it writes on a node: the

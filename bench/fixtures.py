@@ -1,15 +1,16 @@
-"""What the benchmark serves and feeds: a CA and server certificate, a kubeconfig with a bearer
-token, meshed Pod objects as a sidecar injector leaves them, and the CNI configuration."""
+"""What the benchmark serves and feeds: a kubeconfig with a bearer token, meshed Pod objects as a
+sidecar injector leaves them, and the CNI configuration (the PKI and the API server are
+tests.support's)."""
 
 from __future__ import annotations
 
-import base64
-import datetime
 import ipaddress
 import json
 import secrets
 from pathlib import Path
 from typing import Any
+
+from tests.support import kubeconfig, plugin
 
 NAMESPACE = "bench"
 POD_IPV4 = "10.244.1.5"
@@ -26,103 +27,13 @@ PROXY_ARGS = [
 ]
 
 
-def write_tls(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 / localhost (ECDSA P-256); returns the paths of
-    the CA certificate, the server certificate and the server key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-ca")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    paths = directory / "ca.crt", directory / "server.crt", directory / "server.key"
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(cert.public_bytes(pem))
-    paths[2].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[2].chmod(0o600)
-    return paths
-
-
 KUBECONFIG_SOURCE = "cni.install.kubeconfig.render_kubeconfig"
 
 
 def write_kubectl_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None:
     """An ordinary YAML kubeconfig, as ``kubectl config view --raw`` prints one (keys sorted, the
     CA inline, ``preferences: {}``): what users point ``kubernetes.kubeconfig`` at."""
-    ca = base64.b64encode(ca_file.read_bytes()).decode()
-    path.write_text(
-        "apiVersion: v1\n"
-        "clusters:\n"
-        "- cluster:\n"
-        f"    certificate-authority-data: {ca}\n"
-        f"    server: {server}\n"
-        "  name: bench-cluster\n"
-        "contexts:\n"
-        "- context:\n"
-        "    cluster: bench-cluster\n"
-        "    user: bench-user\n"
-        "  name: bench\n"
-        "current-context: bench\n"
-        "kind: Config\n"
-        "preferences: {}\n"
-        "users:\n"
-        "- name: bench-user\n"
-        "  user:\n"
-        f"    token: {token}\n"
-    )
+    path.write_text(kubeconfig.yaml_kubeconfig("kubectl-config-view", server, ca_file, token))
     path.chmod(0o600)
 
 
@@ -136,23 +47,8 @@ def write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None
         data = render_kubeconfig(server, ca_file.read_bytes(), token)
     except (ImportError, AttributeError, TypeError):
         KUBECONFIG_SOURCE = "bench (cni.install.kubeconfig.render_kubeconfig unavailable)"
-        doc = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "local",
-                    "cluster": {
-                        "server": server,
-                        "certificate-authority-data": base64.b64encode(ca_file.read_bytes()).decode(),
-                    },
-                }
-            ],
-            "users": [{"name": "istio-cni", "user": {"token": token}}],
-            "contexts": [{"name": "istio-cni-context", "context": {"cluster": "local", "user": "istio-cni"}}],
-            "current-context": "istio-cni-context",
-        }
-        data = (json.dumps(doc, indent=2) + "\n").encode()
+        kubeconfig.write_kubeconfig(path, server, ca_data=ca_file, token=token, fmt="json")
+        return
     path.write_bytes(data)
     path.chmod(0o600)
 
@@ -296,16 +192,15 @@ def cni_config(
 
 def cni_env(command: str, netns_path: str, pod: str, container_id: str, cni_path: str) -> dict[str, str]:
     """The environment a runtime (kubelet via CRI) gives a CNI plugin: little more than CNI_* and PATH."""
-    return {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": netns_path,
-        "CNI_IFNAME": "eth0",
-        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={pod};"
+    return plugin.cni_env(
+        command,
+        container_id=container_id,
+        netns=netns_path,
+        args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={pod};"
         f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=0f4e1c3a",
-        "CNI_PATH": cni_path,
-    }
+        cni_path=cni_path,
+        path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    )
 
 
 def container_id() -> str:

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import select
 import shlex
 import shutil
 import statistics
@@ -28,11 +27,13 @@ from istio_iptables.nftables import render_dry_run_nft, render_nft
 from istio_iptables.planner import plan, plan_nft
 from istio_iptables.render import render_dry_run, render_family
 from istio_iptables.ruleset import Ruleset
+from tests.support import apiserver
+from tests.support.netns import Namespaces
+from tests.support.pki import make_pki
 
 from . import fixtures, proc, rules
 from .connrate import ConnRate
 from .floor import write_floor
-from .netns import Namespaces
 from .stats import summary
 
 CLASSIC_ARGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
@@ -138,27 +139,17 @@ class Bench:
         subprocess.run(
             [self.python, "-m", "compileall", "-q", "istio_iptables", "cni"], cwd=self.repo, check=True
         )
-        ca, cert, key = fixtures.write_tls(self.work)
+        pki = make_pki(self.work / "pki")
+        ca = pki.ca_cert
         self.token = fixtures.new_token()
-        token_file = self.work / "token"
-        token_file.write_text(self.token + "\n")
         cidr_pod = fixtures.meshed_pod(
             "pod-cidrs", {fixtures.CIDRS_ANNOTATION: ",".join(fixtures.excluded_cidrs(CIDR_COUNT))}
         )
         pods = {"default": fixtures.meshed_pod("default"), "pod-cidrs": cidr_pod}
-        (self.work / "pods.json").write_text(json.dumps(pods))
-        env = dict(os.environ, PYTHONPATH=str(self.repo))
-        self.server = subprocess.Popen(
-            [self.python, "-m", "bench.apiserver", "--cert", str(cert), "--key", str(key),
-             "--token-file", str(token_file), "--pods", str(self.work / "pods.json")],
-            cwd=self.repo, env=env, stdout=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-        assert self.server.stdout is not None
-        ready, _, _ = select.select([self.server.stdout], [], [], 20)
-        line = self.server.stdout.readline().strip() if ready else b""
-        if not line.isdigit():
-            raise RuntimeError("the test API server did not start")
-        self.server_url = f"https://127.0.0.1:{int(line)}"
+        self.server, port = apiserver.spawn(
+            pki, self.token, pods, self.work, python=self.python, timeout=20, start_new_session=True
+        )
+        self.server_url = f"https://127.0.0.1:{port}"
         self.kubeconfig = self.work / "istio-cni.kubeconfig"
         fixtures.write_kubeconfig(self.kubeconfig, self.server_url, ca, self.token)
         self.kubeconfig_kubectl = self.work / "kubectl.kubeconfig"

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from nsutil import NetNS, ci_enabled, create_netns, delete_netns, netns_unavailable_reason
+from tests.support.apiserver import KubeAPIServer
+from tests.support.kubeconfig import write_kubeconfig
+from tests.support.netns import NetNS, ci_enabled, create_netns, delete_netns, netns_unavailable_reason
+from tests.support.pki import Pki, make_pki
+from tests.support.topology import BACKENDS, FAMILIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,3 +154,65 @@ def short_dir(tmp_path: Path) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- the plugin against the tests' API server ------------------------------------------------
+# Module-scoped: one PKI and one server per test module. A module's TOKEN is the token the
+# server accepts; a module overrides any of these by defining a fixture of the same name (which
+# may ask for the one here by that name, to add pods).
+
+DEFAULT_TOKEN = "test-token"
+
+
+@pytest.fixture(scope="module")
+def api_token(request: pytest.FixtureRequest) -> str:
+    """The bearer token of the module's API server: the test module's ``TOKEN``."""
+    return str(getattr(request.module, "TOKEN", DEFAULT_TOKEN))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def api(pki: Pki, api_token: str) -> Iterator[KubeAPIServer]:
+    """The HTTPS API server (tests.support.apiserver), serving the pods the tests add."""
+    with KubeAPIServer(pki, api_token) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory, api: KubeAPIServer, pki: Pki, api_token: str) -> Path:
+    """A kubeconfig for ``api`` (CA file, token) under the name install-cni gives it."""
+    d = tmp_path_factory.mktemp("kc")
+    return write_kubeconfig(d / "ZZZ-istio-cni-kubeconfig", api.url, ca_file=pki.ca_cert, token=api_token)
+
+
+@pytest.fixture(scope="module")
+def exe(venv_bin: Path) -> Path:
+    """The installed plugin executable."""
+    return venv_bin / "istio-cni"
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Stands in for the pod's namespace file where nothing may be installed: pass-through paths
+    and refused inputs never open it; a capture attempt would fail on it."""
+    f = tmp_path_factory.mktemp("netns") / "netns-placeholder"
+    f.write_text("")
+    return str(f)
+
+
+# --- real packets through the traffic topology (tests.support.topology) ---------------------
+
+
+# Module scope, so that pytest runs all tests of one backend together.
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from istio_iptables import netlink as nl
-from nsutil import NetNS
+from tests.support.netns import NetNS
 
 V6 = "::6/128"
 V4 = "127.0.0.6/32"

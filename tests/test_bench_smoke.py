@@ -126,4 +126,4 @@ def _is_zombie_or_other(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
-    return b"bench.apiserver" not in cmdline
+    return b"tests.support.apiserver" not in cmdline

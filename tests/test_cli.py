@@ -797,7 +797,7 @@ def restore_documents(out: str) -> list[tuple[str, str]]:
 def test_random_valid_dry_runs_load_into_a_fresh_namespace(
     case: tuple[list[str], dict[str, str], str | None],
 ) -> None:
-    from nsutil import create_netns, delete_netns
+    from tests.support.netns import create_netns, delete_netns
 
     argv, env, _ = case
     machine = FakeMachine(

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,16 @@ import pytest
 
 from cni import kube
 from cni.bundle import build_archive
-from kubeapi import (
+from tests.support.apiserver import KubeAPIServer
+from tests.support.kubeconfig import (
     PYYAML_ONLY_FORMS,
     YAML_KUBECONFIG_FORMS,
-    KubeAPIServer,
-    Pki,
-    PluginRun,
-    k8s_args,
-    make_pki,
-    netconf,
-    pod_object,
-    run_plugin,
     write_kubeconfig,
     yaml_kubeconfig,
 )
+from tests.support.pki import Pki
+from tests.support.plugin import PluginRun, k8s_args, netconf, run_plugin
+from tests.support.pods import pod_object
 
 TOKEN = "bundle-token"
 NS = "shop"
@@ -53,25 +48,6 @@ def exe(archive: bytes, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_bytes(archive)
     path.chmod(0o755)
     return path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def api(pki: Pki) -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(pki, TOKEN) as server:
-        yield server
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> str:
-    """Stands in for the pod's namespace file (pass-through paths never enter it)."""
-    f = tmp_path / "netns-placeholder"
-    f.write_text("")
-    return str(f)
 
 
 def outcome(run: PluginRun) -> Any:

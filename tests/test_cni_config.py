@@ -35,11 +35,11 @@ from cni.pod import (
     pod_info,
     skip_reason,
 )
-from conformance_data import CONFORMANCE
 from istio_iptables.config import CidrSpec, ConfigError, InterceptionMode, PortSpec
 from istio_iptables.planner import plan
 from istio_iptables.render import render_dry_run
-from kubeapi import meshed_pod, pod_from_case, pod_object
+from tests.support.conformance import CONFORMANCE
+from tests.support.pods import meshed_pod, pod_from_case, pod_object
 
 ROOT = Path(__file__).resolve().parent.parent
 CNI_CASES = json.loads((CONFORMANCE / "cni_cases.json").read_text())

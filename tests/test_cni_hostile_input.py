@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,9 @@ from hypothesis import strategies as st
 from cni.plugin import run
 from cni.protocol import COMMANDS, SUPPORTED_VERSIONS
 from istio_iptables import logsink
-from kubeapi import (
-    KubeAPIServer,
-    Pki,
-    PluginRun,
-    k8s_args,
-    make_pki,
-    meshed_pod,
-    netconf,
-    prev_result,
-    run_plugin,
-    write_kubeconfig,
-)
+from tests.support.apiserver import KubeAPIServer
+from tests.support.plugin import PluginRun, k8s_args, netconf, prev_result, run_plugin
+from tests.support.pods import meshed_pod
 
 TOKEN = "t0k3n-for-hostile-input"
 NS = "shop"
@@ -45,36 +35,6 @@ FORGED = "\n2026-01-01T00:00:00Z\tinfo\tforged"
 ANSI = "\x1b[31m"
 # The codes a runtime may get back (SPEC.md, "Error codes"), 999 not among them.
 CODES = {1, 2, 3, 4, 5, 6, 7, 8, 11, 50, 51}
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def api(pki: Pki) -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(pki, TOKEN) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def kubeconfig(tmp_path_factory: pytest.TempPathFactory, api: KubeAPIServer, pki: Pki) -> Path:
-    d = tmp_path_factory.mktemp("kc")
-    return write_kubeconfig(d / "ZZZ-istio-cni-kubeconfig", api.url, ca_file=pki.ca_cert, token=TOKEN)
-
-
-@pytest.fixture(scope="module")
-def exe(venv_bin: Path) -> Path:
-    return venv_bin / "istio-cni"
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Stands in for the pod's namespace file: the inputs here never get as far as entering it."""
-    f = tmp_path_factory.mktemp("netns") / "netns-placeholder"
-    f.write_text("")
-    return str(f)
 
 
 def one_json(stdout: str) -> Any:

@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cni import kube
-from kubeapi import Pki, make_pki, write_kubeconfig
+from tests.support.kubeconfig import write_kubeconfig
+from tests.support.pki import Pki
 
 POD = b'{"kind":"Pod","apiVersion":"v1","metadata":{"name":"web-0","namespace":"shop"}}'
 
@@ -191,11 +192,6 @@ def test_body_limit(over: bytes, at: bytes) -> None:
 
 
 # --- over TLS against local servers ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 class CannedServer:

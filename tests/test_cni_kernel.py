@@ -8,28 +8,20 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cni.protocol import SUPPORTED_VERSIONS
-from conformance_data import CONFORMANCE
-from kubeapi import (
-    KubeAPIServer,
-    Pki,
-    PluginRun,
-    k8s_args,
-    make_pki,
-    meshed_pod,
-    netconf,
-    pod_from_case,
-    prev_result,
-    run_plugin,
-    write_kubeconfig,
-)
-from nsutil import NetNS, flocked, veth_pair
+from tests.support.apiserver import KubeAPIServer
+from tests.support.conformance import CONFORMANCE
+from tests.support.kubeconfig import write_kubeconfig
+from tests.support.netns import NetNS, flocked, veth_pair
+from tests.support.pki import Pki
+from tests.support.plugin import PluginRun, cni_env, k8s_args, netconf, prev_result, run_plugin
+from tests.support.pods import meshed_pod, pod_from_case
 
 pytestmark = pytest.mark.kernel
 
@@ -40,17 +32,6 @@ NS = "shop"
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def api(pki: Pki) -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(pki, TOKEN) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory, api: KubeAPIServer, pki: Pki) -> Path:
     # certificate-authority-data and a token file, as Istio's installer writes them.
     d = tmp_path_factory.mktemp("kc")
@@ -58,11 +39,6 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory, api: KubeAPIServer, pki
     return write_kubeconfig(
         d / "ZZZ-istio-cni-kubeconfig", api.url, ca_data=pki.ca_cert, token_file=d / "token"
     )
-
-
-@pytest.fixture(scope="module")
-def exe(venv_bin: Path) -> Path:
-    return venv_bin / "istio-cni"
 
 
 def save(ns: NetNS, tool: str = "iptables-save") -> str:
@@ -133,6 +109,34 @@ def test_standalone_reads_addresses_from_the_namespace(
     assert json.loads(run.stdout) == {"cniVersion": "0.3.1", "dns": {}}
     assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_lines(pod, "ip6tables-save")
     assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_lines(pod)
+
+
+def test_family_order_is_gos_ipv4_first_whatever_came_first(
+    exe: Path, kubeconfig: Path, api: KubeAPIServer, netns: Callable[..., NetNS]
+) -> None:
+    # The decision, stated: without ISTIO_DUAL_STACK Istio's plugin takes the family of the first
+    # address Go's net.InterfaceAddrs lists, and the kernel's dump lists every IPv4 address before
+    # any IPv6 one. So a pod with both gets IPv4 rules, even when its IPv6 address came first, on
+    # a lower interface, and prevResult lists it first.
+    api.add_pod(meshed_pod("v6-first", NS))
+    pod, peer, peer2 = netns("first6"), netns("peer6a"), netns("peer6b")
+    veth_pair(pod, peer, addrs_a=["fd00:10:244::7/64"], addrs_b=["fd00:10:244::1/64"], ifname_a="eth0")
+    veth_pair(pod, peer2, addrs_a=["10.244.9.7/24"], addrs_b=["10.244.9.1/24"], ifname_a="eth1")
+    links = {link["ifname"]: link["ifindex"] for link in json.loads(pod.run(["ip", "-j", "link"]).stdout)}
+    assert links["eth0"] < links["eth1"], "the IPv6 address is on the lower interface"
+
+    standalone = add(exe, pod, netconf(kubeconfig, version="1.0.0"), NS, "v6-first")
+    assert standalone.code == 0, standalone.stderr
+    assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_lines(pod)
+    assert not istio_lines(pod, "ip6tables-save"), "an IPv4 address decides without dual stack"
+    assert "installed REDIRECT capture rules (IPv4)" in standalone.stderr
+
+    ns = netns("prev6")
+    prev = prev_result("1.0.0", netns=ns.path)
+    prev["ips"].insert(0, {"interface": 2, "address": "fd00:10:244::8/64"})
+    chained = add(exe, ns, netconf(kubeconfig, version="1.0.0", prev_result=prev), NS, "v6-first")
+    assert chained.code == 0, chained.stderr
+    assert istio_lines(ns) and not istio_lines(ns, "ip6tables-save")
 
 
 def test_dual_stack_pod_gets_both_families(
@@ -351,13 +355,7 @@ def plugin_env(netns_path: str, args: str) -> dict[str, str]:
     import os
 
     return {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "CNI_COMMAND": "ADD",
-        "CNI_CONTAINERID": "5d6a1f0e8c7b4a39b2d1c0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9",
-        "CNI_NETNS": netns_path,
-        "CNI_IFNAME": "eth0",
-        "CNI_ARGS": args,
-        "CNI_PATH": "/opt/cni/bin",
+        **cni_env("ADD", netns=netns_path, args=args),
         # A runtime passes no PYTHONPATH; one given to the suite points the plugin at that code.
         **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
     }

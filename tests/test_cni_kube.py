@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cni import kube
-from kubeapi import (
+from tests.support.apiserver import KubeAPIServer
+from tests.support.kubeconfig import (
     PYYAML_ONLY_FORMS,
     YAML_KUBECONFIG_FORMS,
-    KubeAPIServer,
-    Pki,
-    make_pki,
-    meshed_pod,
     write_kubeconfig,
     yaml_kubeconfig,
 )
+from tests.support.pki import Pki, make_pki
+from tests.support.pods import meshed_pod
 
 TOKEN = "kube-unit-token"
 
@@ -36,10 +35,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-def api(pki: Pki) -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(pki, TOKEN) as server:
-        server.add_pod(meshed_pod("web-0", "shop"))
-        yield server
+def api(api: KubeAPIServer) -> KubeAPIServer:
+    api.add_pod(meshed_pod("web-0", "shop"))
+    return api
 
 
 def fetch(path: Path, deadline: float = 2.0) -> dict[str, object]:

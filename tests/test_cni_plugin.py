@@ -7,60 +7,20 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cni.protocol import SUPPORTED_VERSIONS
-from kubeapi import (
-    KubeAPIServer,
-    Pki,
-    PluginRun,
-    k8s_args,
-    make_pki,
-    meshed_pod,
-    netconf,
-    pod_object,
-    prev_result,
-    run_plugin,
-    write_kubeconfig,
-)
+from tests.support.apiserver import KubeAPIServer
+from tests.support.kubeconfig import write_kubeconfig
+from tests.support.pki import Pki, make_pki
+from tests.support.plugin import PluginRun, k8s_args, netconf, prev_result, run_plugin
+from tests.support.pods import meshed_pod, pod_object
 
 TOKEN = "t0k3n-for-istio-cni"
 NS = "shop"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def api(pki: Pki) -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(pki, TOKEN) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def kubeconfig(tmp_path_factory: pytest.TempPathFactory, api: KubeAPIServer, pki: Pki) -> Path:
-    d = tmp_path_factory.mktemp("kc")
-    return write_kubeconfig(d / "ZZZ-istio-cni-kubeconfig", api.url, ca_file=pki.ca_cert, token=TOKEN)
-
-
-@pytest.fixture(scope="module")
-def exe(venv_bin: Path) -> Path:
-    return venv_bin / "istio-cni"
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> str:
-    """Stands in for the pod's namespace file where nothing may be installed (pass-through paths
-    never open it; a capture attempt would fail on it)."""
-    f = tmp_path / "netns-placeholder"
-    f.write_text("")
-    return str(f)
 
 
 def one_json(run: PluginRun) -> Any:

@@ -21,7 +21,10 @@ from typing import Any
 
 import pytest
 
-from kubeapi import KubeAPIServer, Pki, make_pki, meshed_pod, pod_object, write_kubeconfig
+from tests.support.apiserver import KubeAPIServer
+from tests.support.kubeconfig import write_kubeconfig
+from tests.support.pki import Pki, make_pki
+from tests.support.pods import meshed_pod, pod_object
 
 pytestmark = [pytest.mark.podman, pytest.mark.kernel]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance_data import CONFORMANCE
+from tests.support.conformance import CONFORMANCE
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = json.loads((CONFORMANCE / "capture_cases.json").read_text())
@@ -94,7 +94,7 @@ def test_nftables_case(case: dict, tmp_path: Path) -> None:
 def test_the_copy_is_the_published_cases() -> None:
     """tests/data/conformance is a copy of ../shared/conformance (ORIGIN.md): when the published
     cases are there, the copy must be them, file for file."""
-    from conformance_data import COPY, PUBLISHED
+    from tests.support.conformance import COPY, PUBLISHED
 
     if not PUBLISHED.is_dir():
         return  # nothing to compare with; the tests run on the copy

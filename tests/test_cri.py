@@ -33,7 +33,9 @@ import yaml
 
 from containerd import Containerd, plugin_types
 from cri import CRIError, container_config, pb, sandbox_config
-from kubeapi import KubeAPIServer, make_pki, meshed_pod, pod_object
+from tests.support.apiserver import KubeAPIServer
+from tests.support.pki import make_pki
+from tests.support.pods import meshed_pod, pod_object
 
 pytestmark = [pytest.mark.cri, pytest.mark.kernel, pytest.mark.slow]
 

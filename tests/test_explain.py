@@ -23,7 +23,7 @@ from istio_iptables.config import ConfigError
 from istio_iptables.netns import open_netns
 from istio_iptables.options import load
 from istio_iptables.packet import parse_packet
-from nsutil import NetNS
+from tests.support.netns import NetNS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSIC = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",

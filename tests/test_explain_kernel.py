@@ -32,8 +32,18 @@ from istio_iptables import explain_live as el
 from istio_iptables.cli import PROG_IPTABLES, parse
 from istio_iptables.netns import open_netns
 from istio_iptables.packet import parse_packet
-from netns import COMMAND_DIR, LINKS, PYTHON, SERVICE_A, SERVICE_B, V4, V6, VIRT_VIA_LINK, Topology
-from nsutil import NetNS, run
+from tests.support.netns import NetNS, run
+from tests.support.topology import (
+    COMMAND_DIR,
+    LINKS,
+    PYTHON,
+    SERVICE_A,
+    SERVICE_B,
+    V4,
+    V6,
+    VIRT_VIA_LINK,
+    Topology,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

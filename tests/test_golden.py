@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from nsutil import EXTRA_GROUPS, NetNS, with_extra_groups
+from tests.support.netns import EXTRA_GROUPS, NetNS, with_extra_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 

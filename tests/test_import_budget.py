@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -237,31 +236,23 @@ def plugin(plugin_template: Path) -> Iterator[list[str]]:
 
 @pytest.fixture(scope="module")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The benchmark's API server (bench/apiserver.py) with a meshed Pod per interception mode,
-    and the kubeconfig install-cni writes for it."""
+    """The benchmark's API server (tests.support.apiserver, as its own process) with a meshed Pod
+    per interception mode, and the kubeconfig install-cni writes for it."""
     from bench import fixtures
+    from tests.support import apiserver
+    from tests.support.pki import make_pki
 
     work = tmp_path_factory.mktemp("api")
-    ca, cert, key = fixtures.write_tls(work)
+    pki = make_pki(work / "pki")
     token = fixtures.new_token()
-    (work / "token").write_text(token + "\n")
     pods = {
         "default": fixtures.meshed_pod("default"),
         "tproxy": fixtures.meshed_pod("tproxy", {"sidecar.istio.io/interceptionMode": "TPROXY"}),
     }
-    (work / "pods.json").write_text(json.dumps(pods))
-    server = subprocess.Popen(
-        [PYTHON, "-m", "bench.apiserver", "--cert", str(cert), "--key", str(key),
-         "--token-file", str(work / "token"), "--pods", str(work / "pods.json")],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-    )  # fmt: skip
+    server, port = apiserver.spawn(pki, token, pods, work, python=PYTHON)
     try:
-        assert server.stdout is not None
-        ready, _, _ = select.select([server.stdout], [], [], 30)
-        port = server.stdout.readline().strip() if ready else b""
-        assert port.isdigit(), "the API server did not start"
         path = work / "kubeconfig"
-        fixtures.write_kubeconfig(path, f"https://127.0.0.1:{int(port)}", ca, token)
+        fixtures.write_kubeconfig(path, f"https://127.0.0.1:{port}", pki.ca_cert, token)
         yield path
     finally:
         server.terminate()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nsutil import NetNS, ci_enabled, create_netns, delete_netns, veth_pair
+from tests.support.netns import NetNS, ci_enabled, create_netns, delete_netns, veth_pair
 
 SCRIPTS = ["scripts/setup", "scripts/test", "scripts/build-test-image", ".ci/run"]
 CONSOLE_SCRIPTS = ["istio-iptables", "istio-clean-iptables", "istio-cni", "install-cni"]

@@ -154,6 +154,8 @@ def test_entry_content(node: dict[str, Path]) -> None:
             "cni_bin_dir": str(node["bin"]),
             "exclude_namespaces": ["istio-system"],
         },
+        # The node agent's socket for the plugin's ADD and DEL records (CNI_AGENT_RUN_DIR).
+        "stats_socket": "/var/run/istio-cni/plugin-stats.sock",
     }
 
 
@@ -717,6 +719,7 @@ def test_entry_template(node: dict[str, Path]) -> None:
             "type": "istio-cni",
             "log_level": "error",
             "kubernetes": {"kubeconfig": str(node["net"] / "ZZZ-istio-cni-kubeconfig"), "node": "n1"},
+            "stats_socket": "/var/run/istio-cni/plugin-stats.sock",
         }
     ]
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from kubeapi import KubeAPIServer, make_pki, meshed_pod, pod_object
+from tests.support.apiserver import KubeAPIServer
+from tests.support.pki import make_pki
+from tests.support.pods import meshed_pod, pod_object
 
 pytestmark = [pytest.mark.podman, pytest.mark.kernel]
 

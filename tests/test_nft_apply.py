@@ -24,7 +24,7 @@ from istio_iptables.cli import PROG_IPTABLES, parse
 from istio_iptables.config import ApplyOptions
 from istio_iptables.nft_apply import apply_nft, cleanup_nft
 from istio_iptables.planner import plan_nft
-from nsutil import NetNS, flocked
+from tests.support.netns import NetNS, flocked
 
 pytestmark = pytest.mark.kernel
 

@@ -24,7 +24,7 @@ from istio_iptables.environment import (
     nameservers_from_resolv_conf,
     split_nameservers,
 )
-from nsutil import NetNS, add_addresses, veth_pair
+from tests.support.netns import NetNS, add_addresses, veth_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 ip = ipaddress.ip_address

@@ -30,7 +30,7 @@ from istio_iptables.executor import RealExecutor, Running
 from istio_iptables.planner import plan
 from istio_iptables.render import render_family
 from istio_iptables.ruleset import Family, FamilyRules, Rule, Ruleset
-from nsutil import NetNS, flocked
+from tests.support.netns import NetNS, flocked
 
 pytestmark = pytest.mark.kernel
 

@@ -19,8 +19,12 @@ from typing import Any
 import pytest
 
 from cni import selfcontained as sc
-from kubeapi import KubeAPIServer, Pki, k8s_args, make_pki, meshed_pod, netconf, prev_result, write_kubeconfig
-from nsutil import NetNS, veth_pair
+from tests.support.apiserver import KubeAPIServer
+from tests.support.kubeconfig import write_kubeconfig
+from tests.support.netns import NetNS, veth_pair
+from tests.support.pki import Pki
+from tests.support.plugin import cni_env, k8s_args, netconf, prev_result
+from tests.support.pods import meshed_pod
 
 pytestmark = pytest.mark.kernel
 
@@ -38,16 +42,10 @@ def template(plugin_template: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def api(pki: Pki) -> Iterator[KubeAPIServer]:
-    with KubeAPIServer(pki, TOKEN) as server:
-        server.add_pod(meshed_pod("web", NS, proxy_env={"ISTIO_DUAL_STACK": "true"}))
-        server.add_pod(meshed_pod("web-nft", NS))
-        yield server
+def api(api: KubeAPIServer) -> KubeAPIServer:
+    api.add_pod(meshed_pod("web", NS, proxy_env={"ISTIO_DUAL_STACK": "true"}))
+    api.add_pod(meshed_pod("web-nft", NS))
+    return api
 
 
 def _mount(*args: str) -> None:
@@ -96,15 +94,7 @@ def bind_netns(root: Root, ns: NetNS) -> None:
 
 
 def plugin_env(command: str, netns: str, args: str = "", path: str = "/bin") -> dict[str, str]:
-    return {
-        "PATH": path,
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": "0123456789abcdef0123456789abcdef",
-        "CNI_NETNS": netns,
-        "CNI_IFNAME": "eth0",
-        "CNI_ARGS": args,
-        "CNI_PATH": "/opt/cni/bin",
-    }
+    return cni_env(command, container_id="0123456789abcdef0123456789abcdef", netns=netns, args=args, path=path)
 
 
 def chrooted(root: Root, bin_dir: str, env: dict[str, str], conf: dict[str, Any] | None) -> subprocess.CompletedProcess[str]:

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from netns import (
+from tests.support.topology import (
     APP_GID,
     APP_PORT,
     APP_PORT_2,
     APP_UID,
     BACKENDS,
     BASE_ARGS,
-    FAMILIES,
     INBOUND_CAPTURE_PORT,
     LOOPBACK,
     MODES,
@@ -65,11 +64,6 @@ def pod(request: pytest.FixtureRequest, topo: Topology) -> Captured:
     backend, mode = request.param
     topo.apply([*BASE_ARGS, "-m", mode, "-i", "*", "-b", "*"], backend)
     return Captured(topo, backend, mode)
-
-
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def test_app_outbound_is_captured_with_original_destination(pod: Captured, family: str) -> None:

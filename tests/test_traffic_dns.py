@@ -7,13 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from netns import (
+from tests.support.topology import (
     APP_UID,
-    BACKENDS,
     BASE_ARGS,
     DNS_CAPTURE_PORT,
     DNS_PORT,
-    FAMILIES,
     LINKS,
     OUTBOUND_CAPTURE_PORT,
     PROXY_UID,
@@ -52,16 +50,6 @@ PROTOS = ("udp", "tcp")
 def topo() -> Iterator[Topology]:
     with topology(hint="dns") as t:
         yield t
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def landed_on_dns_proxy(topo: Topology, out: Outcome, dst: str) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from netns import (
+from tests.support.netns import NetNS
+from tests.support.topology import (
     APP_PORT,
     BACKENDS,
     BASE_ARGS,
@@ -33,7 +34,6 @@ from netns import (
     rules_text,
     topology,
 )
-from nsutil import NetNS
 
 pytestmark = pytest.mark.kernel
 

@@ -7,11 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from netns import (
+from tests.support.topology import (
     APP_PORT,
     APP_PORT_2,
     APP_UID,
-    BACKENDS,
     BASE_ARGS,
     FAMILIES,
     INBOUND_CAPTURE_PORT,
@@ -44,17 +43,6 @@ INBOUND = f"proxy:{INBOUND_CAPTURE_PORT}"
 def topo() -> Iterator[Topology]:
     with topology(links=2, hint="options") as t:
         yield t
-
-
-# Module scope, so that pytest runs all tests of one backend together.
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def host_cidrs(addrs: dict[str, str]) -> str:

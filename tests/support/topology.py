@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nsutil import NetNS, create_netns, delete_netns, run, veth_pair
+from tests.support.netns import NetNS, create_netns, delete_netns, run, veth_pair
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMAND_DIR = REPO_ROOT / ".venv" / "bin"
 # Unprivileged test processes need an interpreter every uid can execute (not one under /root).
 PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"

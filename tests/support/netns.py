@@ -1,5 +1,6 @@
-"""Network-namespace helpers for tests: create and delete namespaces, run commands inside them,
-join two of them with a veth pair. Plain functions; the fixtures live in conftest.py."""
+"""Network namespaces for the tests and the benchmark: create and delete them, run commands inside
+them, join two of them with a veth pair; ``Namespaces``, the benchmark's batches of them. Plain
+functions and classes; the fixtures live in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ def run(
     *,
     check: bool = True,
     input: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = DEFAULT_TIMEOUT,
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Runs argv (no shell), capturing text output; raises RuntimeError with stderr if check fails."""
+    """Runs argv (no shell), capturing text output; raises RuntimeError with stderr if check fails.
+    ``timeout=None``: waits however long it takes."""
     proc = subprocess.run(
         list(argv),
         input=input,
@@ -69,17 +71,9 @@ def exec_argv(ns: NetNS | str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", name, *argv]
 
 
-def run_in(
-    ns: NetNS | str,
-    argv: Sequence[str],
-    *,
-    check: bool = True,
-    input: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Runs argv inside a named network namespace and waits for it."""
-    return run(exec_argv(ns, argv), check=check, input=input, timeout=timeout, env=env)
+def run_in(ns: NetNS | str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Runs argv inside a named network namespace and waits for it (keywords as for ``run``)."""
+    return run(exec_argv(ns, argv), **kwargs)
 
 
 def popen_in(ns: NetNS | str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
@@ -95,13 +89,18 @@ class NetNS:
 
     @property
     def path(self) -> str:
-        return str(NETNS_DIR / self.name)
+        return netns_path(self.name)
 
     def run(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return run_in(self, argv, **kwargs)
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         return popen_in(self, argv, **kwargs)
+
+
+def netns_path(name: str) -> str:
+    """Where ``ip netns`` keeps the namespace called ``name``."""
+    return str(NETNS_DIR / name)
 
 
 def create_netns(hint: str = "") -> NetNS:
@@ -241,3 +240,46 @@ def netns_unavailable_reason() -> str | None:
         return f"cannot create a network namespace: {e}"
     delete_netns(ns)
     return None
+
+
+class Namespaces:
+    """The benchmark's namespaces: ``bench-<run id>-<n>``, created and deleted in batches (one
+    ``ip -batch`` each) and remembered until deleted, so that an interrupted run leaves none."""
+
+    def __init__(self) -> None:
+        self.prefix = f"bench-{secrets.token_hex(3)}-"
+        self._count = 0
+        self.live: set[str] = set()
+
+    path = staticmethod(netns_path)
+
+    def _batch(self, verb: str, names: list[str]) -> None:
+        if not names:
+            return
+        script = "".join(f"netns {verb} {n}\n" for n in names)
+        p = run(["ip", "-force", "-batch", "-"], input=script, check=False, timeout=None)
+        if p.returncode != 0 and verb == "add":
+            raise RuntimeError(f"ip netns add failed: {p.stderr.strip()}")
+
+    def create(self, count: int = 1) -> list[str]:
+        names = []
+        for _ in range(count):
+            self._count += 1
+            names.append(f"{self.prefix}{self._count}")
+        self.live.update(names)
+        self._batch("add", names)
+        return names
+
+    def create_one(self) -> str:
+        return self.create(1)[0]
+
+    def delete(self, names: list[str]) -> None:
+        self._batch("del", names)
+        self.live.difference_update(names)
+
+    def delete_all(self) -> None:
+        """Deletes every namespace of this run, including any the registry missed."""
+        names = set(self.live)
+        if NETNS_DIR.is_dir():
+            names.update(n for n in os.listdir(NETNS_DIR) if n.startswith(self.prefix))
+        self.delete(sorted(names))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ROOT.parent / "shared" / "conformance"
 COPY = ROOT / "tests" / "data" / "conformance"
 CONFORMANCE = PUBLISHED if PUBLISHED.is_dir() else COPY
