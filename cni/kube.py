@@ -24,7 +24,7 @@ from istio_iptables.startup import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     import socket
     import ssl
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any, Protocol
 
     class Source(Protocol):
@@ -582,10 +582,9 @@ def _chunked(f: Source, limit: int) -> bytes:
     raise HTTPError(f"more than {MAX_HEADERS} trailer lines")
 
 
-def read_response(f: Source, limit: int = MAX_BODY) -> Response:
-    """One HTTP/1.x response from ``f``: status line, header fields, then the body framed by
-    chunked transfer-encoding, Content-Length, or the end of the connection. Interim 1xx
-    responses are skipped. Raises HTTPError for anything malformed, TooLarge past ``limit``."""
+def read_head(f: Source) -> tuple[int, str, dict[str, str]]:
+    """The status line and header fields of one HTTP/1.x response (interim 1xx responses
+    skipped): ``(status, reason, headers)``. Raises HTTPError for anything malformed."""
     while True:
         line = _line(f, "the status line")
         if not line:
@@ -620,13 +619,26 @@ def read_response(f: Source, limit: int = MAX_BODY) -> Response:
         else:
             raise HTTPError(f"more than {MAX_HEADERS} header lines")
         if not 100 <= status < 200 or status == 101:
-            break
+            return status, reason, headers
+
+
+def _is_chunked(headers: dict[str, str]) -> tuple[bool, bool]:
+    """(chunked, other codings): how the body is framed."""
+    codings = [c.strip().lower() for c in headers.get("transfer-encoding", "").split(",") if c.strip()]
+    return bool(codings) and codings[-1] == "chunked", bool(codings)
+
+
+def read_response(f: Source, limit: int = MAX_BODY) -> Response:
+    """One HTTP/1.x response from ``f``: status line, header fields, then the body framed by
+    chunked transfer-encoding, Content-Length, or the end of the connection. Interim 1xx
+    responses are skipped. Raises HTTPError for anything malformed, TooLarge past ``limit``."""
+    status, reason, headers = read_head(f)
     if status in (101, 204, 304) or 100 <= status < 200:
         return Response(status, reason, headers, b"")
-    codings = [c.strip().lower() for c in headers.get("transfer-encoding", "").split(",") if c.strip()]
-    if codings and codings[-1] == "chunked":
+    chunked, coded = _is_chunked(headers)
+    if chunked:
         body = _chunked(f, limit)
-    elif codings or "content-length" not in headers:
+    elif coded or "content-length" not in headers:
         body = f.read(limit + 1)  # delimited by the end of the connection
         if len(body) > limit:
             raise TooLarge(limit)
@@ -664,14 +676,32 @@ def http_get(
     ``server_hostname`` (the name the certificate must carry, default ``host``) are ASCII
     (``ascii_host``). Raises OSError (ssl errors included; TimeoutError when time ran out),
     HTTPError or TooLarge."""
-    end = time.monotonic() + timeout
+    return http_request(
+        ctx, host, port, "GET", target, headers, server_hostname=server_hostname, timeout=timeout, limit=limit
+    )
+
+
+def _send(
+    ctx: ssl.SSLContext,
+    host: str,
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes,
+    server_hostname: str | None,
+    end: float,
+) -> ssl.SSLSocket:
+    """A new TLS connection with the request sent on it, all by ``end``."""
     authority = f"[{host}]" if ":" in host else host
     if port != 443:
         authority = f"{authority}:{port}"
-    lines = [f"GET {target} HTTP/1.1", f"Host: {authority}"]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
     lines += ["Connection: close", "", ""]
-    request = "\r\n".join(lines).encode("latin-1")
+    request = "\r\n".join(lines).encode("latin-1") + body
     raw = _connect(host, port, end)
     try:
         # CPython bounds the whole handshake by the timeout in force when it starts.
@@ -680,9 +710,32 @@ def http_get(
     except BaseException:
         raw.close()
         raise
-    with tls:
+    try:
         tls.settimeout(time_left(end))
         tls.sendall(request)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def http_request(
+    ctx: ssl.SSLContext,
+    host: str,
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str],
+    body: bytes = b"",
+    *,
+    server_hostname: str | None = None,
+    timeout: float,
+    limit: int = MAX_BODY,
+) -> Response:
+    """``method target`` (with ``body``) as http_get sends a GET: a new TLS connection, all of it
+    within ``timeout`` seconds. Raises what http_get raises."""
+    end = time.monotonic() + timeout
+    with _send(ctx, host, port, method, target, headers, body, server_hostname, end) as tls:
         return read_response(DeadlineReader(tls, end), limit)
 
 
@@ -828,3 +881,247 @@ def fetch_pod(
             raise err
         sleep(max(0.0, min(backoff, policy.deadline - (clock() - start))))
         backoff = min(backoff * 2, policy.max_backoff)
+
+
+# --- the node agent's requests ------------------------------------------------------------------
+#
+# install-cni's agent lists and watches the pods of its node, posts Events, deletes or labels a
+# broken pod and patches its Node: the same verified TLS and bearer token, one connection per
+# request (a watch keeps its connection for as long as it streams).
+
+
+class ApiError(KubeError):
+    """The API answered with an error status; ``status`` is the HTTP code (410: the resource
+    version is too old, 409: a precondition or a conflicting write)."""
+
+    def __init__(self, message: str, status: int, *, transient: bool = False) -> None:
+        super().__init__(message, transient=transient)
+        self.status = status
+
+
+def in_cluster(server: str, ca_file: str, token_file: str) -> KubeConfig:
+    """The service account's credentials as a KubeConfig (the token re-read on every request)."""
+    return KubeConfig(source="the service account", server=server, ca_file=ca_file, token_file=token_file)
+
+
+def query_string(params: dict[str, str] | None) -> str:
+    if not params:
+        return ""
+    return "?" + "&".join(f"{quote_segment(k)}={quote_segment(v)}" for k, v in params.items())
+
+
+def _status_message(body: bytes) -> str:
+    try:
+        status = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    if isinstance(status, dict) and status.get("message"):
+        return f": {shorten(str(status['message']))}"
+    return ""
+
+
+class WatchStream:
+    """The body of a watch as it arrives: one JSON object per line (kube-apiserver writes each
+    event as a line, in chunked encoding). ``events()`` ends when the server ends the stream;
+    a connection broken in between raises HTTPError or OSError. Each read waits at most
+    ``idle`` seconds."""
+
+    def __init__(
+        self, tls: ssl.SSLSocket, reader: DeadlineReader, headers: dict[str, str], idle: float
+    ) -> None:
+        self._tls = tls
+        self._reader = reader
+        self._chunked = _is_chunked(headers)[0]
+        self._idle = idle
+
+    def _data(self) -> Iterator[bytes]:
+        f = self._reader
+        while True:
+            f._end = time.monotonic() + self._idle
+            if not self._chunked:
+                data = f.readline(MAX_BODY)
+                if not data:
+                    return
+                yield data
+                continue
+            size_line = _line(f, "a chunk size line")
+            if not size_line:
+                raise HTTPError("the watch ended inside its chunked body")
+            size = uint(size_line.partition(b";")[0].strip().decode("latin-1"), base=16, digits=16)
+            if size is None:
+                raise HTTPError(f"bad chunk size line {size_line[:40]!r}")
+            if size == 0:
+                return
+            if size > MAX_BODY:
+                raise TooLarge(MAX_BODY)
+            yield _exactly(f, size)
+            if _line(f, "a chunk terminator") not in (b"\r\n", b"\n"):
+                raise HTTPError("a chunk is not followed by CRLF")
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        pending = b""
+        for data in self._data():
+            pending += data
+            if len(pending) > MAX_BODY:
+                raise TooLarge(MAX_BODY)
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield self._event(line)
+        if pending.strip():
+            yield self._event(pending)
+
+    @staticmethod
+    def _event(line: bytes) -> dict[str, Any]:
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):
+            raise HTTPError(f"a watch event is not JSON: {line[:80]!r}") from None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            raise HTTPError(f"a watch event without a type: {line[:80]!r}")
+        return event
+
+    def close(self) -> None:
+        self._tls.close()
+
+    def abort(self) -> None:
+        """From another thread: ends a read waiting on the stream (it fails, or sees the end)."""
+        import socket
+
+        try:  # noqa: SIM105 - the TCP socket's shutdown, under the TLS layer the reader is in
+            socket.socket.shutdown(self._tls, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def __enter__(self) -> WatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Client:
+    """Requests to the API for a long-running process: ``config`` is called for every request
+    (a file re-read, so a rotated token or CA is picked up). Failures are KubeErrors; an error
+    status is an ApiError carrying it."""
+
+    def __init__(self, config: Callable[[], KubeConfig], *, timeout: float = 10.0) -> None:
+        self._config = config
+        self.timeout = timeout
+
+    def _prepare(
+        self, kc: KubeConfig, accept: str = "application/json"
+    ) -> tuple[ssl.SSLContext, str, int, str, str | None, dict[str, str]]:
+        try:
+            host, port, prefix = split_server(kc.server)
+            host = ascii_host(host)
+            server_name = ascii_host(kc.tls_server_name) if kc.tls_server_name else None
+        except ValueError as e:
+            raise KubeError(f"server {clip(kc.server)} {e}") from None
+        headers = {"Accept": accept, "User-Agent": "install-cni"}
+        token = kc.bearer_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return ssl_context(kc), host, port, prefix, server_name, headers
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """One request; the response's JSON object. ``body`` (JSON-encoded) is sent with
+        ``content_type``."""
+        import ssl
+
+        kc = self._config()
+        ctx, host, port, prefix, server_name, headers = self._prepare(kc)
+        target = prefix + path + query_string(query)
+        data = b""
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = content_type
+        what = f"{method} {target}"
+        wait = self.timeout if timeout is None else timeout
+        try:
+            resp = http_request(
+                ctx, host, port, method, target, headers, data, server_hostname=server_name, timeout=wait
+            )
+        except ssl.SSLCertVerificationError as e:
+            raise KubeError(
+                f"TLS verification of {kc.server} failed: {e.verify_message}", transient=True
+            ) from None
+        except TooLarge:
+            raise KubeError(f"{what}: response larger than {MAX_BODY} bytes", transient=True) from None
+        except TimeoutError:
+            raise KubeError(f"{what}: no complete response within {wait:.3g}s", transient=True) from None
+        except (OSError, HTTPError) as e:
+            raise KubeError(f"{what}: {str(e) or type(e).__name__}", transient=True) from None
+        if not 200 <= resp.status < 300:
+            raise ApiError(
+                f"{what}: HTTP {resp.status} {resp.reason}{_status_message(resp.body)}",
+                resp.status,
+                transient=retry_status(resp.status),
+            )
+        try:
+            doc = json.loads(resp.body) if resp.body else {}
+        except (ValueError, RecursionError):
+            raise KubeError(f"{what}: the response is not JSON", transient=True) from None
+        if not isinstance(doc, dict):
+            raise KubeError(f"{what}: the response is not a JSON object", transient=True)
+        return doc
+
+    def watch(self, path: str, query: dict[str, str], *, idle: float) -> WatchStream:
+        """Opens a watch (``query`` should hold ``watch=1``); the stream of its events. An error
+        status raises ApiError at once (410 Gone: list again)."""
+        import ssl
+
+        kc = self._config()
+        ctx, host, port, prefix, server_name, headers = self._prepare(kc)
+        target = prefix + path + query_string(query)
+        what = f"GET {target}"
+        end = time.monotonic() + self.timeout
+        try:
+            tls = _send(ctx, host, port, "GET", target, headers, b"", server_name, end)
+        except ssl.SSLCertVerificationError as e:
+            raise KubeError(
+                f"TLS verification of {kc.server} failed: {e.verify_message}", transient=True
+            ) from None
+        except TimeoutError:
+            raise KubeError(f"{what}: no connection within {self.timeout:.3g}s", transient=True) from None
+        except OSError as e:
+            raise KubeError(f"{what}: {str(e) or type(e).__name__}", transient=True) from None
+        try:
+            reader = DeadlineReader(tls, end)
+            status, reason, resp_headers = read_head(reader)
+            if status != 200:
+                reader._end = time.monotonic() + self.timeout
+                body = b""
+                try:  # noqa: SIM105 - contextlib is one more import for the plugin
+                    body = read_body(reader, resp_headers, 65536)
+                except (OSError, HTTPError):
+                    pass
+                message = f"{what}: HTTP {status} {reason}{_status_message(body)}"
+                raise ApiError(message, status, transient=retry_status(status))
+        except KubeError:
+            tls.close()
+            raise
+        except (OSError, HTTPError) as e:
+            tls.close()
+            raise KubeError(f"{what}: {str(e) or type(e).__name__}", transient=True) from None
+        return WatchStream(tls, reader, resp_headers, idle)
+
+
+def read_body(f: Source, headers: dict[str, str], limit: int) -> bytes:
+    """The body after ``headers`` (read_head's), framed as read_response frames it."""
+    chunked, coded = _is_chunked(headers)
+    if chunked:
+        return _chunked(f, limit)
+    length = uint(headers.get("content-length", "").strip())
+    if coded or length is None:
+        return f.read(limit)
+    return _exactly(f, min(length, limit))

@@ -41,6 +41,7 @@ pytestmark = [pytest.mark.cri, pytest.mark.kernel, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "istio-cni-service-account-token"
+ADMIN_TOKEN = "test-cluster-admin-token"
 NS = "default"
 NODE_NAME = "node-1"
 BUSYBOX = Containerd.BUSYBOX_IMAGE
@@ -245,20 +246,29 @@ class Node:
             env[e["name"]] = (
                 str(e["value"]) if "value" in e else fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
             )
-        # Kubelet's service variables: where processes on this node reach the API (the plugin
-        # runs on the node; the installer itself makes no API call).
-        env.update(KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(self.api.port))
+        # Kubelet's service variables: where the node's processes (the plugin) and the pods (the
+        # installer's agent) reach the API: the pod network's gateway, a host address.
+        env.update(KUBERNETES_SERVICE_HOST=self.api.host, KUBERNETES_SERVICE_PORT=str(self.api.port))
+        agent_run = self.work / "agent-run"
+        agent_run.mkdir(exist_ok=True)
         env.update(CNI_NET_DIR=str(self.containerd.conf_dir), CNI_BIN_DIR=str(self.containerd.bin_dir),
-                   LOG_LEVEL=LOG_LEVEL)  # fmt: skip
+                   CNI_AGENT_RUN_DIR=str(agent_run), LOG_LEVEL=LOG_LEVEL)  # fmt: skip
         sa = self.work / "serviceaccount"
         sa.mkdir(exist_ok=True)
         (sa / "token").write_text(TOKEN)
         (sa / "ca.crt").write_bytes(self.api.pki.ca_cert.read_bytes())
         (sa / "namespace").write_text(pod.namespace)
+        netns_dir = self.containerd.state / "io.containerd.grpc.v1.cri" / "netns"
+        netns_dir.mkdir(parents=True, exist_ok=True)
         volumes = {
             "cni-bin-dir": str(self.containerd.bin_dir),
             "cni-net-dir": str(self.containerd.conf_dir),
             "tmp": str(self.work / "installer-tmp"),
+            # The agent's: the node's /proc, where containerd pins pod namespaces (here under its
+            # state dir), and the plugin's statistics socket's directory.
+            "cni-host-procfs": "/proc",
+            "cni-netns-dir": str(netns_dir),
+            "cni-socket-dir": str(agent_run),
         }
         Path(volumes["tmp"]).mkdir(exist_ok=True)
         for v in spec["volumes"]:
@@ -322,18 +332,44 @@ def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactor
     # A short root: the CNI bin dir is in the self-contained plugin's shebang (pytest's own
     # temporary paths are too long for it); containerd.stop() removes it.
     ctd = Containerd(Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp")))
-    api = KubeAPIServer(make_pki(work / "pki"), TOKEN).start()
-    n = Node(work, ctd, api, project_images)
+    api: KubeAPIServer | None = None
     try:
         ctd.start()
+        api = start_api(work, ctd)
+        n = Node(work, ctd, api, project_images)
         ctd.import_busybox_images()
         ctd.import_podman_images([project_images["install"], project_images["init"]])
         n.start_installer()
         yield n
     finally:
         problems = ctd.stop()
-        api.stop()
+        if api is not None:
+            api.stop()
         assert not problems, problems
+
+
+# The verbs of deploy/kubernetes/clusterrole.yaml: the service account's token may do only these.
+def granted(*roles: Path) -> list[str]:
+    verbs = []
+    for path in (ROOT / "deploy" / "kubernetes" / "clusterrole.yaml", *roles):
+        for rule in yaml.safe_load(path.read_text())["rules"]:
+            verbs += [f"{v} {r}" for r in rule["resources"] for v in rule["verbs"]]
+    return verbs
+
+
+def start_api(work: Path, ctd: Containerd) -> KubeAPIServer:
+    """The API on the pod network's gateway (bound before the bridge exists), with this node
+    (untainted) and the service account's token granted what the manifests' RBAC grants."""
+    gateway = f"{ctd.network.subnet}.1"
+    api = KubeAPIServer(make_pki(work / "pki", server_ips=[gateway]), ADMIN_TOKEN, host=gateway).start()
+    api.grant(TOKEN, *granted())
+    api.add_node(NODE_NAME)
+    return api
+
+
+def plugin_requests(api: KubeAPIServer, since: int = 0) -> list[str]:
+    """The paths the plugin asked for (the installer's agent identifies itself as install-cni)."""
+    return [c.path for c in api.calls[since:] if c.user_agent != "install-cni"]
 
 
 @pytest.fixture(scope="module")
@@ -428,11 +464,11 @@ def test_pods_that_are_not_meshed_get_no_rules(node: Node, peer: Pod, kind: str)
         reason = "excluded due to inject-disabled annotation"
     else:
         obj, reason = meshed_pod(name, "kube-system"), "pod namespace excluded"
-    before = len(node.api.requests)
+    before = len(node.api.calls)
     pod = node.run_pod(obj)
     assert "ISTIO" not in pod.rules()
     assert f"pod={obj['metadata']['namespace']}/{name}\t{reason}" in node.plugin_log()
-    asked = [path for _, path, _ in node.api.requests[before:]]
+    asked = plugin_requests(node.api, before)
     assert asked == ([] if kind == "excluded-namespace" else [f"/api/v1/namespaces/{NS}/pods/{name}"])
     # Its traffic goes where it was sent.
     pod.container("app", BUSYBOX, command=["sh", "-c", "exec sleep 3600"], run_as_user=1000)
@@ -570,10 +606,10 @@ def test_validation_fails_in_a_pod_created_while_the_plugin_was_not_chained(node
         assert node.installer is not None
         assert node.cri.container_status(node.installer.containers["install-cni"]).exit_code == 0
         assert node.containerd.network.conflist_path.read_bytes() == node.original_conflist
-        before = len(node.api.requests)
+        before = len(node.api.calls)
         early = node.run_pod(meshed_pod(f"early-{secrets.token_hex(3)}", NS))
         assert "ISTIO" not in early.rules()
-        assert len(node.api.requests) == before, "no plugin in the chain, no API request"
+        assert plugin_requests(node.api, before) == [], "no plugin in the chain, no API request"
     finally:
         node.start_installer()
     code, out = early.run_to_completion("istio-validation", node.images["init"],

@@ -189,25 +189,73 @@ def test_plugin_lets_the_installer_pods_through() -> None:
 # --- RBAC -------------------------------------------------------------------------------------
 
 
-def test_rbac_is_get_pods_only() -> None:
-    objs = manifests()
-    roles = [doc for (kind, _), doc in objs.items() if kind in ("ClusterRole", "Role")]
-    assert len(roles) == 1
-    assert roles[0]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+BASE_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+]
+REPAIR_VARIANTS = {
+    "delete": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]}],
+    "label": [{"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch"]}],
+}
+
+
+def roles_and_bindings(objs: dict[tuple[str, str], dict[str, Any]]) -> dict[str, list[Any]]:
+    """ClusterRole name -> its rules, each checked to be bound to the DaemonSet's account."""
+    roles = {doc["metadata"]["name"]: doc for (kind, _), doc in objs.items() if kind in ("ClusterRole", "Role")}
+    assert all(doc["kind"] == "ClusterRole" for doc in roles.values())
     bindings = [doc for (kind, _), doc in objs.items() if kind in ("ClusterRoleBinding", "RoleBinding")]
-    assert len(bindings) == 1
-    binding = bindings[0]
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "ClusterRole",
-        "name": roles[0]["metadata"]["name"],
-    }
     sa = next(doc for (kind, _), doc in objs.items() if kind == "ServiceAccount")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
-    ]
     ds = objs[("DaemonSet", "istio-cni-node")]
     assert ds["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    bound = set()
+    for binding in bindings:
+        assert binding["roleRef"]["apiGroup"] == "rbac.authorization.k8s.io"
+        assert binding["roleRef"]["kind"] == "ClusterRole"
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
+        ]
+        bound.add(binding["roleRef"]["name"])
+    assert bound == set(roles), "every role bound, every binding to a role"
+    return {name: doc["rules"] for name, doc in roles.items()}
+
+
+def variant_manifests(mode: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """A repair-mode variant applied to the base (extra resources, a ConfigMap data patch)."""
+    d = DEPLOY / f"kubernetes-repair-{mode}"
+    overlay = yaml.safe_load((d / "kustomization.yaml").read_text())
+    assert overlay["resources"][0] == "../kubernetes"
+    out = dict(manifests())
+    for res in overlay["resources"][1:]:
+        for doc in load_all(d / res):
+            out[(doc["kind"], doc["metadata"]["name"])] = doc
+    for patch in overlay["patches"]:
+        doc = yaml.safe_load((d / patch["path"]).read_text())
+        assert doc["kind"] == "ConfigMap"
+        key = (doc["kind"], doc["metadata"]["name"])
+        out[key] = {**out[key], "data": {**out[key]["data"], **doc["data"]}}
+    return out
+
+
+def test_rbac_is_exactly_what_the_plugin_and_the_agent_use() -> None:
+    """The plugin GETs the pod; the agent lists and watches pods, creates Events, and reads and
+    patches its Node (the taint). Nothing may delete or change a pod in the base."""
+    assert roles_and_bindings(manifests()) == {"istio-cni": BASE_RULES}
+
+
+@pytest.mark.parametrize("mode", sorted(REPAIR_VARIANTS))
+def test_each_repair_mode_variant_adds_only_its_own_grant_and_selects_the_mode(mode: str) -> None:
+    objs = variant_manifests(mode)
+    assert roles_and_bindings(objs) == {"istio-cni": BASE_RULES, f"istio-cni-repair-{mode}": REPAIR_VARIANTS[mode]}
+    s = parse_settings(build_parser().parse_args([]), installer_environment(objs))
+    assert s.repair_mode == mode
+
+
+def test_the_base_repairs_in_place_and_lifts_the_taint() -> None:
+    s = parse_settings(build_parser().parse_args([]), installer_environment(manifests()))
+    assert s.repair_enabled and s.repair_mode == "repair" and s.node_name == "worker-1"
+    assert s.startup_taint == "cni.istio.io/not-ready" and s.repair_init_container_name == "istio-validation"
+    assert s.monitoring_port == 15014
 
 
 # --- the DaemonSet ----------------------------------------------------------------------------
@@ -245,8 +293,31 @@ def test_installer_security_context() -> None:
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert set(sc["capabilities"].get("add", [])) <= {"DAC_OVERRIDE"}
+    # DAC_OVERRIDE for the host's directories; the rest for the agent's repair in place (as
+    # Istio's DaemonSet with repair.repairPods): iptables in a pod's namespace, finding it
+    # through the node's /proc, entering it.
+    assert set(sc["capabilities"].get("add", [])) == {"DAC_OVERRIDE", "NET_ADMIN", "NET_RAW", "SYS_PTRACE", "SYS_ADMIN"}
     assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), "a writable /tmp for the bundle"
+
+
+def test_the_agent_sees_the_nodes_processes_namespaces_and_socket_dir() -> None:
+    objs = manifests()
+    ds = objs[("DaemonSet", "istio-cni-node")]
+    c = container(ds)
+    s = parse_settings(build_parser().parse_args([]), installer_environment(objs))
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    proc = mounts[s.host_proc]
+    assert proc.get("readOnly") and volumes[proc["name"]]["hostPath"]["path"] == "/proc"
+    (netns_dir,) = s.netns_dirs
+    pinned = mounts[netns_dir]
+    assert pinned.get("readOnly") and pinned["mountPropagation"] == "HostToContainer"
+    assert volumes[pinned["name"]]["hostPath"]["path"] == "/var/run/netns"
+    assert host_path_of(ds, str(s.mounted_agent_run_dir)) == s.agent_run_dir
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["metrics"] == s.monitoring_port
+    annotations = ds["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(s.monitoring_port) and annotations["prometheus.io/path"] == "/metrics"
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -298,6 +369,10 @@ def test_containerfile(name: str) -> None:
     assert "COPY *.whl" in text, "installs the project's wheel"
     final = text.rsplit("FROM", 1)[1]
     assert "python3 " in final
+    if name == "install-cni":
+        # The node agent: prometheus_client (install_requires) and the tools of a repair in place.
+        assert "python3-prometheus-client" in final and re.search(r"\biptables nftables\b", final)
+        assert "prometheus_client" in VERSION["options"]["install_requires"]
     if name == "istio-iptables":
         assert re.search(r"install .*\biptables\b", final), "iptables (nft and legacy) from Debian"
         assert "iptables-legacy --version" in final and "iptables-nft --version" in final

@@ -119,6 +119,8 @@ def plugin_entry(settings: Settings) -> dict[str, Any]:
         doc = _render_template(settings.network_config, settings)
         if settings.native_nftables:
             doc["native_nftables"] = True
+        if settings.stats_socket:
+            doc.setdefault("stats_socket", settings.stats_socket)
         return {k: v for k, v in doc.items() if k not in ("cniVersion", "name")}
     entry: dict[str, Any] = {"type": PLUGIN_TYPE, "log_level": settings.log_level}
     if settings.native_nftables:
@@ -126,6 +128,9 @@ def plugin_entry(settings: Settings) -> dict[str, Any]:
     if settings.plugin_log_file:
         entry["log_file"] = settings.plugin_log_file
     entry["pod_namespace"] = settings.pod_namespace
+    if settings.stats_socket:
+        # Where the plugin sends its ADD and DEL records for the node agent's metrics.
+        entry["stats_socket"] = settings.stats_socket
     entry["kubernetes"] = {
         "kubeconfig": settings.host_kubeconfig_path,
         "cni_bin_dir": settings.host_bin_dir,

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cni.install.binaries import BinariesMixin
@@ -56,12 +56,19 @@ class Installer(BinariesMixin, EntryMixin):
         self._bin_stats: dict[Path, tuple[int, int, int]] = {}
         self._last_error = ""
         self._preempted_by: Path | None = None
+        # The node agent's count of passes (istio_cni_installs_total): SUCCESS or the stage
+        # that failed, in Istio's words.
+        self.stage = ""
+        self.on_result: Callable[[str], None] | None = None
 
     def reconcile(self) -> None:
         """One pass; raises NotReady with the reason when the node is not set up."""
         s = self.settings
+        self.stage = "COPY_BINARIES_FAILURE"
         self._ensure_executables()
+        self.stage = "CREATE_KUBECONFIG_FAILURE"
         ensure_kubeconfig(s)
+        self.stage = "CREATE_CNI_CONFIG_FAILURE"
         try:
             dest = self._ensure_chained() if s.chained else self._ensure_standalone()
         except ChangedMeanwhile as e:
@@ -83,11 +90,15 @@ class Installer(BinariesMixin, EntryMixin):
             if str(e) != self._last_error:
                 log.error("%s", e)
                 self._last_error = str(e)
+            if self.on_result is not None:
+                self.on_result(self.stage)
         else:
             if not self.status.ready:
                 log.info("ready: %s", self.status.detail)
             self.status.ready = True
             self._last_error = ""
+            if self.on_result is not None:
+                self.on_result("SUCCESS")
         self.status.heartbeat = time.monotonic()
 
     def cleanup(self) -> None:
@@ -191,11 +202,19 @@ def run(settings: Settings, stop: threading.Event) -> int:
         stale_after=max(30.0, 10 * settings.poll_interval),
     )
     log.info("serving /readyz and /healthz on %s:%d", settings.health_address or "*", server.server_port)
+    # The node agent in this process (docs/node-agent.md): metrics, pod repair, the startup taint.
+    from cni.agent import Agent
+
+    agent = Agent(settings, lambda: installer.status.ready, installer.entry)
+    installer.on_result = agent.install_result
     try:
+        agent.start(stop)
         while not stop.is_set():
             installer.step()
             stop.wait(settings.poll_interval)
     finally:
+        stop.set()
+        agent.close()
         installer.cleanup()
         server.shutdown()
         server.server_close()

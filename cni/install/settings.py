@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ PLUGIN_FILENAME = "istio-cni"
 # every matching file name, sorted, the first usable one is the node's network.
 CONF_EXTENSIONS = (".conf", ".conflist", ".json")
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+STATS_SOCKET_NAME = "plugin-stats.sock"  # cni.addstats.SOCKET_NAME
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n", ""}
@@ -62,6 +63,46 @@ class Settings:
     poll_interval: float = 1.0
     cleanup_files: bool = False
     native_nftables: bool = False
+    # --- the node agent (cni/agent): Istio's repair controller's settings and names ---------
+    repair_enabled: bool = True
+    repair_repair_pods: bool = True
+    repair_delete_pods: bool = False
+    repair_label_pods: bool = False
+    repair_label_key: str = "cni.istio.io/uninitialized"
+    repair_label_value: str = "true"
+    repair_sidecar_annotation: str = "sidecar.istio.io/status"
+    repair_init_container_name: str = "istio-validation"
+    repair_init_termination_msg: str = ""
+    repair_init_exit_code: int = 126
+    repair_label_selectors: str = ""
+    repair_field_selectors: str = ""
+    # Ours: also look into the namespace of every running meshed pod (catches pods that never
+    # restart their validation container).
+    repair_check_running: bool = True
+    # Where pinned pod namespaces are (containerd and CRI-O pin them in /var/run/netns) and the
+    # node's /proc, as this process sees them.
+    netns_dirs: tuple[str, ...] = ("/host/var/run/netns",)
+    host_proc: str = "/host/proc"
+    startup_taint: str = "cni.istio.io/not-ready"
+    monitoring_port: int = 15014
+    agent_run_dir: str = "/var/run/istio-cni"  # on the node (written into the entry)
+    mounted_agent_run_dir: Path = Path("/var/run/istio-cni")  # the same, as this process sees it
+
+    @property
+    def stats_socket(self) -> str:
+        """The plugin's datagram socket as the node sees it (empty: none)."""
+        return os.path.join(self.agent_run_dir, STATS_SOCKET_NAME) if self.agent_run_dir else ""
+
+    @property
+    def repair_mode(self) -> str:
+        """What is done to a broken pod, in Istio's order of precedence ("": only detected)."""
+        if self.repair_repair_pods:
+            return "repair"
+        if self.repair_delete_pods:
+            return "delete"
+        if self.repair_label_pods:
+            return "label"
+        return ""
 
     @property
     def kubeconfig_path(self) -> Path:
@@ -114,6 +155,111 @@ def _mode(source: str, value: str) -> int:
     if mode & 0o077:
         log.warning("%s %s lets other users read the plugin's credentials", source, oct(mode))
     return mode
+
+
+_LABEL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+_DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def _label_name(text: str) -> bool:
+    """A label value or the name part of a key: at most 63 of ``[A-Za-z0-9-_.]``, alphanumeric
+    at both ends (Kubernetes' IsQualifiedName / IsValidLabelValue)."""
+    return (
+        0 < len(text) <= 63
+        and set(text) <= _LABEL_NAME_CHARS
+        and text[0].isascii()
+        and text[0].isalnum()
+        and text[-1].isascii()
+        and text[-1].isalnum()
+    )
+
+
+def _qualified_key(source: str, value: str, what: str) -> str:
+    """A label or taint key: ``[prefix/]name``, the prefix a DNS subdomain."""
+    prefix, slash, name = value.rpartition("/")
+    ok = _label_name(name) and (
+        not slash
+        or (
+            0 < len(prefix) <= 253
+            and set(prefix) <= _DNS_CHARS
+            and all(p and p[0].isalnum() and p[-1].isalnum() for p in prefix.split("."))
+        )
+    )
+    if not ok:
+        raise SettingsError(f"{source}: {_shown(value)} is not a valid {what} ([prefix/]name)")
+    return value
+
+
+def _selector(source: str, value: str) -> str:
+    if any(not c.isprintable() for c in value) or not value.isascii():
+        raise SettingsError(f"{source}: {_shown(value)} is not a selector (printable ASCII)")
+    return value.strip()
+
+
+def _agent_settings(get: Callable[..., tuple[str, str]], environ: Mapping[str, str]) -> dict[str, object]:
+    """The node agent's settings (Istio's variable names where Istio has them)."""
+    out: dict[str, object] = {}
+    for field, env, default in (
+        ("repair_enabled", "REPAIR_ENABLED", "true"),
+        ("repair_repair_pods", "REPAIR_REPAIR_PODS", "true"),
+        ("repair_delete_pods", "REPAIR_DELETE_PODS", "false"),
+        ("repair_label_pods", "REPAIR_LABEL_PODS", "false"),
+        ("repair_check_running", "REPAIR_CHECK_RUNNING_PODS", "true"),
+    ):
+        out[field] = _bool(*get(field, env, default))
+    source, key = get("repair_label_key", "REPAIR_BROKEN_POD_LABEL_KEY", "cni.istio.io/uninitialized")
+    out["repair_label_key"] = _qualified_key(source, key.strip(), "label key")
+    source, value = get("repair_label_value", "REPAIR_BROKEN_POD_LABEL_VALUE", "true")
+    value = value.strip()
+    if value and not _label_name(value):
+        raise SettingsError(f"{source}: {_shown(value)} is not a valid label value")
+    out["repair_label_value"] = value
+    source, annotation = get(
+        "repair_sidecar_annotation", "REPAIR_SIDECAR_ANNOTATION", "sidecar.istio.io/status"
+    )
+    annotation = annotation.strip()
+    out["repair_sidecar_annotation"] = annotation and _qualified_key(source, annotation, "annotation key")
+    source, name = get("repair_init_container_name", "REPAIR_INIT_CONTAINER_NAME", "istio-validation")
+    name = name.strip()
+    ends = name[:1] + name[-1:]
+    if name and not (len(name) <= 63 and set(name) <= _DNS_CHARS and not set(ends) & set("-.")):
+        raise SettingsError(f"{source}: {_shown(name)} is not a container name")
+    out["repair_init_container_name"] = name
+    out["repair_init_termination_msg"] = get(
+        "repair_init_termination_msg", "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE", ""
+    )[1]
+    source, code = get("repair_init_exit_code", "REPAIR_INIT_CONTAINER_EXIT_CODE", "126")
+    number = _digits(code, "0123456789", 3)
+    if number is None or number > 255:
+        raise SettingsError(f"{source}: {_shown(code)} is not an exit code (0-255; 0: any)")
+    out["repair_init_exit_code"] = number
+    out["repair_label_selectors"] = _selector(*get("repair_label_selectors", "REPAIR_LABEL_SELECTORS", ""))
+    out["repair_field_selectors"] = _selector(*get("repair_field_selectors", "REPAIR_FIELD_SELECTORS", ""))
+    source, dirs = get("netns_dirs", "MOUNTED_NETNS_DIRS", "/host/var/run/netns")
+    netns_dirs = _list(dirs)
+    for d in netns_dirs:
+        if not d.startswith("/"):
+            raise SettingsError(f"{source}: {_shown(d)} is not an absolute path")
+    out["netns_dirs"] = netns_dirs
+    source, proc = get("host_proc", "HOST_PROC", "/host/proc")
+    proc = proc.strip()
+    if proc and not proc.startswith("/"):
+        raise SettingsError(f"{source}: {_shown(proc)} is not an absolute path")
+    out["host_proc"] = proc
+    source, taint = get("startup_taint", "STARTUP_TAINT", "cni.istio.io/not-ready")
+    taint = taint.strip()
+    out["startup_taint"] = taint and _qualified_key(source, taint, "taint key")
+    out["monitoring_port"] = _port(*get("monitoring_port", "MONITORING_PORT", "15014"), zero=True)
+    source, run_dir = get("agent_run_dir", "CNI_AGENT_RUN_DIR", "/var/run/istio-cni")
+    run_dir = run_dir.strip()
+    if run_dir and not run_dir.startswith("/"):
+        raise SettingsError(f"{source}: {_shown(run_dir)} is not an absolute path")
+    out["agent_run_dir"] = run_dir
+    source, mounted = get("mounted_agent_run_dir", "MOUNTED_CNI_AGENT_RUN_DIR", run_dir)
+    if mounted.strip() and not mounted.strip().startswith("/"):
+        raise SettingsError(f"{source}: {_shown(mounted)} is not an absolute path")
+    out["mounted_agent_run_dir"] = Path(mounted.strip() or run_dir or "/var/run/istio-cni")
+    return out
 
 
 def _bin_dirs(mounted: Sequence[str], host_bin_dir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -351,7 +497,12 @@ def parse_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
         plugin_log_file=get("plugin_log_file", "PLUGIN_LOG_FILE")[1].strip(),
         exclude_namespaces=exclude,
         pod_namespace=pod_namespace,
-        node_name=environ.get("KUBERNETES_NODE_NAME") or environ.get("NODE_NAME") or "",
+        node_name=(
+            environ.get("KUBERNETES_NODE_NAME")
+            or environ.get("NODE_NAME")
+            or environ.get("REPAIR_NODE_NAME")
+            or ""
+        ).strip(),
         kubeconfig_filename=filename,
         kubeconfig_mode=_mode(*get("kubeconfig_mode", "KUBECONFIG_MODE", "0600")),
         token_file=sa_dir / "token",
@@ -362,6 +513,7 @@ def parse_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
         poll_interval=interval,
         cleanup_files=_bool(*get("cleanup_files", "CLEANUP_FILES", "false")),
         native_nftables=_bool(*get("native_nftables", "NATIVE_NFTABLES", "false")),
+        **_agent_settings(get, environ),  # type: ignore[arg-type]
     )
     from cni.install.conflist import plugin_entry  # conflist imports this module
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -182,6 +182,7 @@ class _State:
     default_pod: dict[str, Any] | None = None
     requests: list[tuple[str, str, bool]] = field(default_factory=list)  # (method, path, authorized)
     calls: list[Call] = field(default_factory=list)
+    hooks: list[Callable[[Call], None]] = field(default_factory=list)  # called with every Call
     fail_next: int = 0  # answer this many requests with 503 first
     # Tokens besides ``token`` (which may do anything): token -> the "verb resource" pairs it may
     # do, as RBAC grants them ("list pods", "patch pods/status", "patch nodes").
@@ -327,6 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
         call = Call(method, self.path, self._status, verb, resource, self.headers.get("User-Agent", ""), body)
         with st.lock:
             st.calls.append(call)
+            hooks = list(st.hooks)
+        for hook in hooks:
+            hook(call)
 
     def _route(
         self,
@@ -724,6 +728,11 @@ class KubeAPIServer:
             self.state.history.clear()
             self.state.gone_as = gone_as
         self.break_watches()
+
+    def on_call(self, hook: Callable[[Call], None]) -> None:
+        """``hook(call)`` for every request, once it is answered (a watch: once it streams)."""
+        with self.state.lock:
+            self.state.hooks.append(hook)
 
     @property
     def requests(self) -> list[tuple[str, str, bool]]:
