@@ -557,25 +557,37 @@ def _exactly(f: Source, n: int) -> bytes:
     return data
 
 
+def _chunk(f: Source, limit: int, what: str) -> bytes:
+    """The next chunk of a chunked body (b"" for the last one), at most ``limit`` bytes."""
+    size_line = _line(f, "a chunk size line")
+    if not size_line:
+        raise HTTPError(f"{what} ended inside its chunked body")
+    # More than 16 hex digits is no chunk size (Go's reader refuses them too).
+    size = uint(size_line.partition(b";")[0].strip().decode("latin-1"), base=16, digits=16)
+    if size is None:
+        raise HTTPError(f"bad chunk size line {size_line[:40]!r}")
+    if size == 0:
+        return b""
+    if size > limit:
+        raise TooLarge(limit)
+    data = _exactly(f, size)
+    if _line(f, "a chunk terminator") not in (b"\r\n", b"\n"):
+        raise HTTPError("a chunk is not followed by CRLF")
+    return data
+
+
 def _chunked(f: Source, limit: int) -> bytes:
     parts: list[bytes] = []
     total = 0
     while True:
-        size_line = _line(f, "a chunk size line")
-        if not size_line:
-            raise HTTPError("the response ended inside its chunked body")
-        # More than 16 hex digits is no chunk size (Go's reader refuses them too).
-        size = uint(size_line.partition(b";")[0].strip().decode("latin-1"), base=16, digits=16)
-        if size is None:
-            raise HTTPError(f"bad chunk size line {size_line[:40]!r}")
-        if size == 0:
+        try:
+            data = _chunk(f, limit - total, "the response")
+        except TooLarge:
+            raise TooLarge(limit) from None
+        if not data:
             break
-        total += size
-        if total > limit:
-            raise TooLarge(limit)
-        parts.append(_exactly(f, size))
-        if _line(f, "a chunk terminator") not in (b"\r\n", b"\n"):
-            raise HTTPError("a chunk is not followed by CRLF")
+        total += len(data)
+        parts.append(data)
     for _ in range(MAX_HEADERS + 1):  # trailer fields, ignored
         if _line(f, "a trailer line") in (b"\r\n", b"\n", b""):
             return b"".join(parts)
@@ -944,19 +956,10 @@ class WatchStream:
                     return
                 yield data
                 continue
-            size_line = _line(f, "a chunk size line")
-            if not size_line:
-                raise HTTPError("the watch ended inside its chunked body")
-            size = uint(size_line.partition(b";")[0].strip().decode("latin-1"), base=16, digits=16)
-            if size is None:
-                raise HTTPError(f"bad chunk size line {size_line[:40]!r}")
-            if size == 0:
+            data = _chunk(f, MAX_BODY, "the watch")
+            if not data:
                 return
-            if size > MAX_BODY:
-                raise TooLarge(MAX_BODY)
-            yield _exactly(f, size)
-            if _line(f, "a chunk terminator") not in (b"\r\n", b"\n"):
-                raise HTTPError("a chunk is not followed by CRLF")
+            yield data
 
     def events(self) -> Iterator[dict[str, Any]]:
         pending = b""
