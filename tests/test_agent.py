@@ -342,6 +342,59 @@ def test_delete_mode_deletes_with_preconditions_once_and_records_an_event(
     assert counter(r, "delete", "success") == 1
 
 
+def test_a_pod_seen_before_the_plugin_was_installed_is_looked_at_once_it_is(
+    api: KubeAPIServer, tmp_path: Path
+) -> None:
+    # A broken pod that runs steadily brings no further event: when the agent's first list comes
+    # before the installer's first pass, the pod must be looked at again once the plugin is there.
+    api.add_pod(validation_failed(meshed_pod("early", "default")))
+    pod = api.get_pod("default", "early")
+    assert pod is not None
+    installed: list[PluginConf] = []
+    r = Repairer(
+        RepairConfig(node=NODE, mode="delete", check_running=False),
+        client_for(api, tmp_path),
+        lambda: installed[0] if installed else None,
+        metrics=Metrics(),
+    )
+    stop = threading.Event()
+    r.start(stop)
+    try:
+        r.handle("ADDED", pod)
+        time.sleep(1)
+        assert api.get_pod("default", "early") is not None, "nothing is done before the plugin is in place"
+        installed.append(plugin_conf())
+        r.plugin_installed()
+        wait_for(lambda: api.get_pod("default", "early") is None, what="the early pod deleted")
+    finally:
+        stop.set()
+        r.close()
+
+
+def test_a_watch_the_server_ends_at_once_is_not_repeated_in_a_tight_loop(
+    api: KubeAPIServer, tmp_path: Path
+) -> None:
+    stop = threading.Event()
+    w = PodWatcher(client_for(api, tmp_path), NODE, Recorder(), stop, watch_seconds=30, initial_backoff=0.2)
+    tries: list[float] = []
+
+    def ends_at_once() -> int:  # every watch ends at once, with no event
+        tries.append(time.monotonic())
+        return 0
+
+    w.watch_once = ends_at_once  # type: ignore[method-assign]
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    time.sleep(2)
+    stop.set()
+    t.join(timeout=15)
+    lists = [c for c in api.calls if c.method == "GET" and "watch" not in c.path]
+    assert len(lists) == 1, "one list, then watches"
+    assert not t.is_alive()
+    # Backoff 0.2, 0.4, 0.8, ... s (jitter down to half): a handful of tries in 2 s, not thousands.
+    assert 2 <= len(tries) <= 8, len(tries)
+
+
 def test_delete_of_a_changed_pod_fails_on_its_precondition(api: KubeAPIServer, tmp_path: Path) -> None:
     api.add_pod(validation_failed(meshed_pod("moving", "default")))
     stale = api.get_pod("default", "moving")

@@ -54,14 +54,21 @@ class Agent:
         if result != self._last_result:
             self.metrics.installs.labels(result=result).inc()
             self._last_result = result
+            if result == "SUCCESS" and self.repairer is not None:
+                self.repairer.plugin_installed()
 
     def start(self, stop: threading.Event) -> Agent:
         s = self.settings
         if s.monitoring_port:
             from cni.agent.metrics import serve_metrics
 
-            self.server = serve_metrics(self.metrics, s.health_address, s.monitoring_port)
-            log.info("serving /metrics on %s:%d", s.health_address or "*", self.server.server_port)
+            try:
+                self.server = serve_metrics(self.metrics, s.health_address, s.monitoring_port)
+            except OSError as e:
+                # The installer and repair still run: a metrics port must not stop the node.
+                log.error("cannot serve /metrics on port %d: %s (no metrics)", s.monitoring_port, e)
+            else:
+                log.info("serving /metrics on %s:%d", s.health_address or "*", self.server.server_port)
         if s.agent_run_dir:
             from cni.agent.metrics import StatsReceiver
 

@@ -139,6 +139,8 @@ def serve_metrics(metrics: Metrics, address: str, port: int) -> ThreadingHTTPSer
     from cni.install.health import _bind
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds a connection may sit idle: pods can reach this port
+
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             if self.path.split("?", 1)[0] != "/metrics":
                 self.send_error(404)

@@ -41,6 +41,7 @@ from cni.agent import podns
 from cni.agent.watch import DELETED, pod_key
 from cni.kube import Client, KubeError
 from istio_iptables.logsink import shown
+from istio_iptables.netns import NetnsError
 
 log = logging.getLogger("install-cni")
 
@@ -66,6 +67,9 @@ class RepairConfig:
     check_running: bool = True
     netns_dirs: tuple[str, ...] = ("/host/var/run/netns",)
     host_proc: str = "/host/proc"
+
+
+NOT_INSTALLED = "the plugin is not installed yet"
 
 
 def pod_name(pod: dict[str, Any]) -> str:
@@ -96,6 +100,9 @@ class Repairer:
         self.verified: set[str] = set()  # uids whose namespace was seen holding our rules
         self.attempts: dict[str, int] = {}
         self._latest: dict[tuple[str, str], dict[str, Any]] = {}
+        # Pods seen while the plugin was not installed: looked at again once it is (a pod that
+        # runs steadily brings no further event).
+        self._waiting: dict[tuple[str, str], dict[str, Any]] = {}
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._lock = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -108,6 +115,7 @@ class Repairer:
         with self._lock:
             if kind == DELETED:
                 self._latest.pop(key, None)
+                self._waiting.pop(key, None)
                 uid = str((pod.get("metadata") or {}).get("uid", ""))
                 self.acted.pop(uid, None)
                 self.verified.discard(uid)
@@ -116,6 +124,17 @@ class Repairer:
             queued = key in self._latest
             self._latest[key] = pod
         if not queued:
+            self._queue.put(key)
+
+    def plugin_installed(self) -> None:
+        """The installer has (again) put the plugin in place: the pods set aside meanwhile are
+        queued once more."""
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+            fresh = [key for key in waiting if key not in self._latest]
+            for key, pod in waiting.items():
+                self._latest.setdefault(key, pod)
+        for key in fresh:
             self._queue.put(key)
 
     def start(self, stop: threading.Event) -> threading.Thread:
@@ -133,8 +152,10 @@ class Repairer:
                     continue
                 try:
                     self.reconcile(pod)
-                except Exception:  # noqa: BLE001 - one pod's failure must not end the worker
+                except Exception as e:  # noqa: BLE001 - one pod's failure must not end the worker
                     log.exception("repair of pod %s failed", pod_name(pod))
+                    uid = str((pod.get("metadata") or {}).get("uid", ""))
+                    self._failed(uid, pod_name(pod), f"{type(e).__name__}: {e}")
 
         self.thread = threading.Thread(target=run, name="repair", daemon=True)
         self.thread.start()
@@ -160,7 +181,7 @@ class Repairer:
             return f"no {self.cfg.sidecar_annotation} annotation"
         conf = self.plugin_conf()
         if conf is None:
-            return "the plugin is not installed yet"
+            return NOT_INSTALLED
         if meta.get("namespace") in conf.exclude_namespaces:
             return "namespace excluded"
         from cni.pod import PodError, pod_info, skip_reason
@@ -202,6 +223,11 @@ class Repairer:
             log.debug("pod %s: already %s", name, self.acted[uid])
             return None
         why_not = self.candidate(pod)
+        if why_not == NOT_INSTALLED:
+            with self._lock:
+                self._waiting[pod_key(pod)] = pod
+            if self.plugin_conf() is not None:  # installed meanwhile: plugin_installed came first
+                self.plugin_installed()
         if why_not is not None:
             log.debug("pod %s: not a candidate for repair (%s)", name, why_not)
             return None
@@ -261,7 +287,7 @@ class Repairer:
                 result = self._delete(pod)
             else:
                 result = self._label(pod)
-        except (KubeError, RepairError) as e:
+        except (KubeError, RepairError, NetnsError, OSError) as e:
             self._count(mode, "fail")
             self._failed(uid, name, f"{mode} failed: {e}")
             self._event(pod, _REASONS[mode], f"pod detected as broken, but failed to {_VERBS[mode]}: {e}")

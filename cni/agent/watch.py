@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,11 @@ from cni.kube import ApiError, Client, HTTPError, KubeError, WatchStream
 log = logging.getLogger("install-cni")
 
 ADDED, MODIFIED, DELETED, SYNCED = "ADDED", "MODIFIED", "DELETED", "SYNCED"
+
+
+# A watch that ends sooner than this with no event is treated as a failure (backoff), as
+# client-go's reflector does: a proxy that closes every watch at once must not cause a hot loop.
+QUICK_WATCH = 1.0
 
 
 class Gone(Exception):
@@ -53,7 +59,7 @@ class PodWatcher:
         watch_seconds: int = 300,
         initial_backoff: float = 0.2,
         max_backoff: float = 10.0,
-        page_size: int = 500,
+        page_size: int = 100,  # pages well under MAX_BODY, even with large managedFields
     ) -> None:
         self.client = client
         self.node = node
@@ -187,24 +193,31 @@ class PodWatcher:
         """Lists and watches until ``stop`` is set."""
         backoff = self.initial_backoff
         need_list = True
+        gone_again = False  # a 410 right after the list that answered the last one
         while not self.stop.is_set():
             try:
                 if need_list:
                     self.list()
                     need_list = False
                     backoff = self.initial_backoff
+                started = time.monotonic()
                 if self.watch_once():
                     backoff = self.initial_backoff
-                continue  # the server ended the watch: again from the last resourceVersion
-            except Gone as e:
-                log.info("resourceVersion %s is gone (%s): listing the pods again", self.resource_version, e)
-                need_list = True
-                continue
-            except ApiError as e:
-                if e.status == 410:
-                    log.info("resourceVersion %s is gone: listing the pods again", self.resource_version)
+                    gone_again = False
+                    continue  # the server ended the watch: again from the last resourceVersion
+                if time.monotonic() - started >= QUICK_WATCH:
+                    continue  # a quiet watch the server timed out
+                # Ended at once with no event (a proxy closing it?): not again in a tight loop.
+                log.warning("the pod watch of node %s ended at once with no event", self.node)
+            except (Gone, ApiError) as e:
+                if isinstance(e, ApiError) and e.status != 410:
+                    log.error("watching the pods of node %s: %s", self.node, e)
+                else:
+                    log.info("resourceVersion %s is gone (%s): listing again", self.resource_version, e)
                     need_list = True
-                    continue
+                    if not gone_again:
+                        gone_again = True
+                        continue
                 log.error("watching the pods of node %s: %s", self.node, e)
             except (KubeError, HTTPError, OSError) as e:
                 log.warning(

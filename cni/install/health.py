@@ -62,6 +62,8 @@ def serve_health(status: Status, address: str, port: int, stale_after: float) ->
     installer is restarted; a missing entry is not a reason to restart it). Both say why."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds a connection may sit idle: pods can reach this port
+
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             path = self.path.split("?", 1)[0]
             if path == "/readyz":

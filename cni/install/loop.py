@@ -214,8 +214,9 @@ def run(settings: Settings, stop: threading.Event) -> int:
             stop.wait(settings.poll_interval)
     finally:
         stop.set()
-        agent.close()
+        # The entry first: the pod's grace period may not leave time for both.
         installer.cleanup()
+        agent.close()
         server.shutdown()
         server.server_close()
     log.info("done")
