@@ -22,6 +22,7 @@ from tests.support.kubeconfig import (
     YAML_KUBECONFIG_FORMS,
     write_kubeconfig,
     yaml_kubeconfig,
+    yaml_kubeconfig_text,
 )
 from tests.support.pki import Pki, make_pki
 from tests.support.pods import meshed_pod
@@ -201,25 +202,10 @@ def test_on_failure_can_stop_at_once(tmp_path: Path) -> None:
 
 # --- the YAML subset -------------------------------------------------------------------------
 
-INSTALLER_STYLE = """# Kubeconfig file for the istio CNI plugin.
-apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster:
-    server: https://[fd00::1]:443
-    certificate-authority-data: LS0tLS1CRUdJTg==
-users:
-- name: istio-cni
-  user:
-    token: "eyJhbGciOi.J9-x_y"
-contexts:
-- name: istio-cni-context
-  context:
-    cluster: local
-    user: istio-cni
-current-context: istio-cni-context
-"""
+# Istio's installer template, as it writes it: an IPv6 server, the CA unquoted, the token quoted.
+INSTALLER_STYLE = yaml_kubeconfig_text(
+    "istio-template", "https://[fd00::1]:443", "LS0tLS1CRUdJTg==", "eyJhbGciOi.J9-x_y"
+)
 
 
 def test_installer_kubeconfig_reads_without_pyyaml() -> None:

@@ -14,6 +14,7 @@ random order, its own netns paths (under its state dir), the chain's ``prevResul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -23,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,9 +327,12 @@ def _http_status(url: str) -> int:
         return 0
 
 
-@pytest.fixture(scope="module")
-def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    work = tmp_path_factory.mktemp("cri")
+@contextlib.contextmanager
+def running_node(
+    project_images: dict[str, str], work: Path, prepare: Callable[[Node], None] | None = None
+) -> Iterator[Node]:
+    """A containerd, the API stand-in and install-cni running as the DaemonSet's pod; ``prepare``
+    sees the node before install-cni starts. Everything is stopped and checked afterwards."""
     # A short root: the CNI bin dir is in the self-contained plugin's shebang (pytest's own
     # temporary paths are too long for it); containerd.stop() removes it.
     ctd = Containerd(Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp")))
@@ -337,6 +341,8 @@ def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         ctd.start()
         api = start_api(work, ctd)
         n = Node(work, ctd, api, project_images)
+        if prepare is not None:
+            prepare(n)
         ctd.import_busybox_images()
         ctd.import_podman_images([project_images["install"], project_images["init"]])
         n.start_installer()
@@ -346,6 +352,12 @@ def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         if api is not None:
             api.stop()
         assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    with running_node(project_images, tmp_path_factory.mktemp("cri")) as n:
+        yield n
 
 
 # The verbs of deploy/kubernetes/clusterrole.yaml: the service account's token may do only these.

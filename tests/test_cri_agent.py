@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import json
 import secrets
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from containerd import Containerd
 from test_cri import (
     BUSYBOX,
     NODE_NAME,
@@ -36,7 +33,7 @@ from test_cri import (
     Pod,
     assert_traffic_captured,
     granted,
-    start_api,
+    running_node,
     start_sidecar_and_app,
 )
 from tests.support.apiserver import Call
@@ -59,17 +56,12 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 
 @pytest.fixture(scope="module")
 def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    work = tmp_path_factory.mktemp("cri-agent")
-    ctd = Containerd(Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp")))
-    api = None
-    try:
-        ctd.start()
-        api = start_api(work, ctd)
+    patched_with_plugin: list[bool] = []
+
+    def prepare(n: Node) -> None:
         # The node as it registers: our startup taint, and another that must stay.
-        api.set_node_taints(NODE_NAME, [OTHER_TAINT, {"key": TAINT, "effect": "NoSchedule"}])
-        n = Node(work, ctd, api, project_images)
-        patched_with_plugin: list[bool] = []
-        conflist = ctd.network.conflist_path
+        n.api.set_node_taints(NODE_NAME, [OTHER_TAINT, {"key": TAINT, "effect": "NoSchedule"}])
+        conflist = n.containerd.network.conflist_path
 
         def on_call(call: Call) -> None:
             # When the Node is patched, is the plugin in the node's chain already?
@@ -77,17 +69,11 @@ def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactor
                 plugins = [p["type"] for p in json.loads(conflist.read_bytes())["plugins"]]
                 patched_with_plugin.append("istio-cni" in plugins)
 
-        api.on_call(on_call)
+        n.api.on_call(on_call)
         n.patched_with_plugin = patched_with_plugin  # type: ignore[attr-defined]
-        ctd.import_busybox_images()
-        ctd.import_podman_images([project_images["install"], project_images["init"]])
-        n.start_installer()
+
+    with running_node(project_images, tmp_path_factory.mktemp("cri-agent"), prepare) as n:
         yield n
-    finally:
-        problems = ctd.stop()
-        if api is not None:
-            api.stop()
-        assert not problems, problems
 
 
 @pytest.fixture(scope="module")

@@ -261,6 +261,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self._status = code
 
+    def _found(self, resource: str, name: str, obj: Any) -> None:
+        """The object, or kube-apiserver's 404 for it."""
+        if obj is None:
+            self._error(404, "NotFound", f'{resource} "{name}" not found')
+        else:
+            self._send(200, obj)
+
     def _error(self, code: int, reason: str, message: str) -> None:
         self._send(code, _status(code, reason, message))
 
@@ -350,11 +357,7 @@ class _Handler(BaseHTTPRequestHandler):
         if len(rest) >= 2:
             name = rest[1]
         if resource == "pods" and verb == "get":
-            pod = st.pod(namespace, name)
-            if pod is None:
-                self._error(404, "NotFound", f'pods "{name}" not found')
-            else:
-                self._send(200, pod)
+            self._found(resource, name, st.pod(namespace, name))
         elif resource == "pods" and verb == "list":
             self._list(namespace, query)
         elif resource == "pods" and verb == "watch":
@@ -366,10 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif resource == "nodes" and verb == "get":
             with st.lock:
                 node = st.nodes.get(name)
-            if node is None:
-                self._error(404, "NotFound", f'nodes "{name}" not found')
-            else:
-                self._send(200, node)
+            self._found(resource, name, node)
         elif resource == "nodes" and verb == "patch":
             self._patch_node(name, body)
         elif resource == "events" and verb == "create":

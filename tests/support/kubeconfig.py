@@ -68,7 +68,11 @@ def yaml_kubeconfig(form: str, server: str, ca_cert: Path, token: str) -> str:
     point the plugin at: kubectl's ``config view --raw`` output, Istio's installer template,
     and YAML the small reader in cni.kube leaves to PyYAML (comments after values, quoted keys,
     flow collections, block scalars, anchors, ``---`` and ``...``)."""
-    ca = base64.b64encode(ca_cert.read_bytes()).decode()
+    return yaml_kubeconfig_text(form, server, base64.b64encode(ca_cert.read_bytes()).decode(), token)
+
+
+def yaml_kubeconfig_text(form: str, server: str, ca: str, token: str) -> str:
+    """yaml_kubeconfig's text with the CA given as its base64 text."""
     forms = {
         "kubectl-config-view": f"""apiVersion: v1
 clusters:
@@ -96,7 +100,7 @@ clusters:
 - name: local
   cluster:
     server: {server}
-    certificate-authority-data: "{ca}"
+    certificate-authority-data: {ca}
 users:
 - name: istio-cni
   user:
