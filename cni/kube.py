@@ -775,8 +775,6 @@ def _connect(host: str, port: int, end: float) -> socket.socket:
 
 def get_pod(kc: KubeConfig, namespace: str, name: str, timeout: float) -> dict[str, Any]:
     """One ``GET /api/v1/namespaces/NS/pods/NAME``; the Pod object, or KubeError."""
-    import ssl
-
     try:
         host, port, prefix = split_server(kc.server)
         host = ascii_host(host)
@@ -795,19 +793,9 @@ def get_pod(kc: KubeConfig, namespace: str, name: str, timeout: float) -> dict[s
     try:
         # tls-server-name, when given, is the name the certificate must carry.
         resp = http_get(ctx, host, port, target, headers, server_hostname=server_name, timeout=timeout)
-    except ssl.SSLCertVerificationError as e:
-        # Transient: the installer rewrites the kubeconfig when the cluster's CA is rotated.
-        raise KubeError(
-            f"TLS verification of {kc.server} failed: {e.verify_message}", transient=True
-        ) from None
-    except TooLarge:
-        raise KubeError(f"GET {target}: response larger than {MAX_BODY} bytes", transient=True) from None
-    except TimeoutError:
-        raise KubeError(
-            f"GET {kc.server}{target}: no complete response within {max(timeout, 0):.3g}s", transient=True
-        ) from None
     except (OSError, HTTPError) as e:
-        raise KubeError(f"GET {kc.server}{target}: {str(e) or type(e).__name__}", transient=True) from None
+        what = f"GET {kc.server}{target}"
+        raise _transport_error(e, kc.server, what, f"GET {target}", max(timeout, 0)) from None
     body = resp.body
     if resp.status != 200:
         detail = ""
@@ -850,6 +838,21 @@ class RetryPolicy(NamedTuple):
     request_timeout: float = 5.0
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
+
+
+def _transport_error(e: Exception, server: str, what: str, short: str, wait: float) -> KubeError:
+    """What a request that got no usable answer raises (all transient): ``what`` names the request
+    with its server, ``short`` without it."""
+    import ssl  # loaded already: the request made its context
+
+    if isinstance(e, ssl.SSLCertVerificationError):
+        # The installer rewrites the kubeconfig when the cluster's CA is rotated.
+        return KubeError(f"TLS verification of {server} failed: {e.verify_message}", transient=True)
+    if isinstance(e, TooLarge):
+        return KubeError(f"{short}: response larger than {MAX_BODY} bytes", transient=True)
+    if isinstance(e, TimeoutError):
+        return KubeError(f"{what}: no complete response within {wait:.3g}s", transient=True)
+    return KubeError(f"{what}: {str(e) or type(e).__name__}", transient=True)
 
 
 def fetch_pod(
@@ -1039,8 +1042,6 @@ class Client:
     ) -> dict[str, Any]:
         """One request; the response's JSON object. ``body`` (JSON-encoded) is sent with
         ``content_type``."""
-        import ssl
-
         kc = self._config()
         ctx, host, port, prefix, server_name, headers = self._prepare(kc)
         target = prefix + path + query_string(query)
@@ -1054,16 +1055,8 @@ class Client:
             resp = http_request(
                 ctx, host, port, method, target, headers, data, server_hostname=server_name, timeout=wait
             )
-        except ssl.SSLCertVerificationError as e:
-            raise KubeError(
-                f"TLS verification of {kc.server} failed: {e.verify_message}", transient=True
-            ) from None
-        except TooLarge:
-            raise KubeError(f"{what}: response larger than {MAX_BODY} bytes", transient=True) from None
-        except TimeoutError:
-            raise KubeError(f"{what}: no complete response within {wait:.3g}s", transient=True) from None
         except (OSError, HTTPError) as e:
-            raise KubeError(f"{what}: {str(e) or type(e).__name__}", transient=True) from None
+            raise _transport_error(e, kc.server, what, what, wait) from None
         if not 200 <= resp.status < 300:
             raise ApiError(
                 f"{what}: HTTP {resp.status} {resp.reason}{_status_message(resp.body)}",
