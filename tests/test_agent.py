@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from cni.install.settings import SettingsError, build_parser, parse_settings
 from cni.kube import ApiError, Client, in_cluster
 from cni.plugin import PluginConf
 from tests.support.apiserver import KubeAPIServer
+from tests.support.metrics import scrape as scrape_metrics
 from tests.support.pki import Pki, make_pki
 from tests.support.pods import meshed_pod, pod_object
 
@@ -441,15 +441,7 @@ def test_the_modes_need_only_their_own_grants(api: KubeAPIServer, tmp_path: Path
 
 
 def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return scrape_metrics(f"http://127.0.0.1:{port}/metrics")
 
 
 def test_metrics_count_installs_repairs_and_the_plugins_calls(tmp_path: Path) -> None:

@@ -384,13 +384,17 @@ def plugin_requests(api: KubeAPIServer, since: int = 0) -> list[str]:
     return [c.path for c in api.calls[since:] if c.user_agent != "install-cni"]
 
 
-@pytest.fixture(scope="module")
-def peer(node: Node) -> Pod:
-    """An unmeshed pod on the same node that answers "direct" on port 8080."""
+def start_peer(node: Node) -> Pod:
+    """An unmeshed pod on the node that answers "direct" on port 8080."""
     pod = node.run_pod(pod_object(f"peer-{secrets.token_hex(3)}", NS, containers=("peer",)))
     pod.container("peer", BUSYBOX, command=["sh", "-c", PEER_CMD], run_as_user=1000)
     pod.wait_listening("peer", [8080])
     return pod
+
+
+@pytest.fixture(scope="module")
+def peer(node: Node) -> Pod:
+    return start_peer(node)
 
 
 def start_sidecar_and_app(pod: Pod) -> None:

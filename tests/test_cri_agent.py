@@ -16,17 +16,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from test_cri import (
-    BUSYBOX,
     NODE_NAME,
     NS,
-    PEER_CMD,
     ROOT,
     TOKEN,
     Node,
@@ -34,10 +31,12 @@ from test_cri import (
     assert_traffic_captured,
     granted,
     running_node,
+    start_peer,
     start_sidecar_and_app,
 )
 from tests.support.apiserver import Call
-from tests.support.pods import meshed_pod, pod_object
+from tests.support.metrics import scrape
+from tests.support.pods import meshed_pod
 
 pytestmark = [pytest.mark.cri, pytest.mark.kernel, pytest.mark.slow]
 
@@ -78,10 +77,7 @@ def node(project_images: dict[str, str], tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def peer(node: Node) -> Pod:
-    pod = node.run_pod(pod_object(f"peer-{secrets.token_hex(3)}", NS, containers=("peer",)))
-    pod.container("peer", BUSYBOX, command=["sh", "-c", PEER_CMD], run_as_user=1000)
-    pod.wait_listening("peer", [8080])
-    return pod
+    return start_peer(node)
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +108,7 @@ def running(node: Node, pod: Pod, **spec: Any) -> float:
 
 def metrics(node: Node) -> dict[str, float]:
     assert node.installer is not None
-    with urllib.request.urlopen(f"http://{node.installer.ip}:15014/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return scrape(f"http://{node.installer.ip}:15014/metrics")
 
 
 def agent_calls(node: Node, since: int = 0) -> list[Call]:
